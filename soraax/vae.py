@@ -1,0 +1,462 @@
+"""Causal 3D convolutional video VAE: pixels <-> the latent grid the diffusion transformer works in.
+
+Every convolution is causal in time (frames are padded on the left only, with copies of the first frame), so
+the latent of frames 0..k never depends on a later frame. Temporal downsampling is a stride-2 causal conv:
+from `1 + 2n` frames it makes `1 + n`, and the first frame, having no past, is encoded alone. Hence an image
+is a 1-frame video, `T = 1 + ft*n` frames become `1 + n` latent frames, and decoding gives the frames back
+one for one. Normalisation is GroupNorm over each frame's (H, W, channels) only, because statistics pooled
+over time would leak the future into the past.
+
+Because nothing looks ahead, the decoder can run over a long latent clip a few frames at a time: each causal
+conv keeps the last `K-1` frames it saw in a `cache` collection and pads the next chunk with them instead of
+with copies of the first frame (`decode_chunked`). The result equals the whole-clip decode to float tolerance.
+
+Latent scale and shift: `encode` returns `(mean - latent_mean) / latent_std` (and `logvar - 2 log
+latent_std`), and `decode` undoes it first, so a diffusion model sees roughly unit-variance latents while
+the VAE itself is unchanged. Train the VAE with the defaults (0, 1), then measure the statistics of its
+latents with `latent_channel_stats` and pass them as fields. `__call__`, the training path, works in the
+VAE's own latent space and returns the raw posterior, so the KL it feeds to `vae_loss` is independent of
+those statistics.
+
+Dimension key: B batch; T, H, W pixel frames/height/width; t, h, w latent frames/height/width;
+C channels (3 for pixels, `latent_channels` for latents); K kernel frames.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Presets are data, so a config names one and overrides fields: `VideoVAE(**{**VAE_TINY, "latent_channels": 4})`.
+# Tiny: 0.52M params, sized for CPU runs on small clips (e.g. 64x96 moving shapes).
+VAE_TINY = dict(widths=(8, 16, 32, 32), num_res_blocks=1, latent_channels=8,
+                spatial_factor=8, temporal_factor=4, norm_groups=4)
+# Big: 4x8x8 compression to 16 channels, the shape of the CogVideoX / Open-Sora / Wan class of video VAEs.
+VAE_BIG = dict(widths=(128, 256, 512, 512), num_res_blocks=2, latent_channels=16,
+               spatial_factor=8, temporal_factor=4, norm_groups=32)
+
+ACTIVATION_AXES = ("batch", "frames", "height", "width", "channels")
+CONV_KERNEL_AXES = (None, None, None, "conv_in", "conv_out")
+
+# Clamping logvar keeps exp(logvar) finite early in training, when the encoder's outputs are still large.
+_LOGVAR_RANGE = (-30.0, 20.0)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Shapes
+
+
+def _check_factor(name: str, factor: int) -> int:
+    if factor < 1 or factor & (factor - 1):
+        raise ValueError(f"{name} must be a power of two >= 1 (each down/upsampling stage halves/doubles); "
+                         f"got {factor}")
+    return int(math.log2(factor))
+
+
+def latent_frames(num_frames: int, temporal_factor: int) -> int:
+    """Pixel frames -> latent frames: `1 + ft*n` -> `1 + n` (the first frame is encoded alone)."""
+    if num_frames < 1 or (num_frames - 1) % temporal_factor:
+        below = 1 + temporal_factor * ((num_frames - 1) // temporal_factor)
+        options = [below, below + temporal_factor] if num_frames > 1 else [1]
+        raise ValueError(
+            f"{num_frames} frames cannot be encoded with temporal factor {temporal_factor}: the frame count "
+            f"must be 1 + {temporal_factor}*n (1 is an image); nearest valid counts are {options}")
+    return 1 + (num_frames - 1) // temporal_factor
+
+
+def pixel_frames(num_latent_frames: int, temporal_factor: int) -> int:
+    """Latent frames -> decoded pixel frames: `1 + n` -> `1 + ft*n`; the inverse of `latent_frames`."""
+    if num_latent_frames < 1:
+        raise ValueError(f"a latent clip needs at least 1 frame; got {num_latent_frames}")
+    return 1 + (num_latent_frames - 1) * temporal_factor
+
+
+def latent_shape(video_shape_THW: Sequence[int], *, spatial_factor: int,
+                 temporal_factor: int) -> tuple[int, int, int]:
+    """(T, H, W) of a clip -> (t, h, w) of its latent; a clear ValueError if the clip cannot be encoded."""
+    if len(video_shape_THW) != 3:
+        raise ValueError(f"video shape must be (T, H, W); got {tuple(video_shape_THW)}")
+    num_frames, height, width = (int(s) for s in video_shape_THW)
+    for axis, size in (("H", height), ("W", width)):
+        if size < spatial_factor or size % spatial_factor:
+            below = spatial_factor * (size // spatial_factor)
+            options = sorted({s for s in (below, below + spatial_factor) if s > 0})
+            raise ValueError(
+                f"video (T, H, W) = {(num_frames, height, width)}: {axis}={size} is not a positive multiple of "
+                f"the spatial factor {spatial_factor}; nearest valid sizes are {options}")
+    t = latent_frames(num_frames, temporal_factor)
+    return t, height // spatial_factor, width // spatial_factor
+
+
+def _channel_vector(value: float | Sequence[float], channels: int, name: str) -> jnp.ndarray:
+    """A scalar or per-channel field as a [1, 1, 1, 1, C] array that broadcasts against [B, t, h, w, C]."""
+    vector = np.broadcast_to(np.asarray(value, np.float32), (channels,)) if np.ndim(value) == 0 \
+        else np.asarray(value, np.float32)
+    if vector.shape != (channels,):
+        raise ValueError(f"{name} must be a scalar or {channels} values (one per latent channel); "
+                         f"got {len(vector)} values")
+    return jnp.asarray(vector).reshape(1, 1, 1, 1, channels)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Layers
+
+
+def _constrain(x_BxTxHxWxC):
+    return nn.with_logical_constraint(x_BxTxHxWxC, ACTIVATION_AXES)
+
+
+def _is_streaming(module: nn.Module) -> bool:
+    """True when the caller asked for a mutable `cache` (chunked decode); init never streams."""
+    return module.is_mutable_collection("cache") and not module.is_initializing()
+
+
+class CausalConv3d(nn.Module):
+    """Conv over (frames, height, width) that sees only the current and past frames.
+
+    x: [B, T, H, W, Cin] -> [B, T', H', W', features]. Time is padded on the left with K-1 copies of the
+    first frame (so a still image behaves like a still video), or, when streaming, with the last K-1 frames
+    of the previous chunk, which makes chunked application exact.
+    """
+    features: int
+    kernel_size: tuple[int, int, int] = (3, 3, 3)
+    strides: tuple[int, int, int] = (1, 1, 1)
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_BxTxHxWxC):
+        kt, kh, kw = self.kernel_size
+        streaming = _is_streaming(self) and kt > 1
+        if streaming and self.strides[0] != 1:
+            # A strided conv would also need its stride phase carried across chunks; only the decoder streams.
+            raise ValueError(f"{self.name}: a conv with temporal stride {self.strides[0]} cannot run chunked; "
+                             "stream the decoder only (decode_chunked)")
+        if streaming and self.has_variable("cache", "past_frames"):
+            past_BxKxHxWxC = self.get_variable("cache", "past_frames")
+        else:
+            past_BxKxHxWxC = jnp.repeat(x_BxTxHxWxC[:, :1], kt - 1, axis=1)
+        x_padded = jnp.concatenate([past_BxKxHxWxC.astype(x_BxTxHxWxC.dtype), x_BxTxHxWxC], axis=1)
+        if streaming:
+            self.put_variable("cache", "past_frames", x_padded[:, x_padded.shape[1] - (kt - 1):])
+        conv = nn.Conv(
+            self.features, self.kernel_size, strides=self.strides,
+            padding=((0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2)), dtype=self.dtype,
+            kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), CONV_KERNEL_AXES),
+            bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("conv_out",)))
+        return _constrain(conv(x_padded))
+
+
+class FrameNorm(nn.Module):
+    """GroupNorm over each frame's (H, W, C) alone: statistics over time would break causality."""
+    groups: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_BxTxHxWxC):
+        return nn.GroupNorm(
+            num_groups=self.groups, reduction_axes=(-3, -2, -1), dtype=self.dtype,
+            scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("channels",)),
+            bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("channels",)),
+        )(x_BxTxHxWxC)
+
+
+class ResBlock(nn.Module):
+    """Pre-norm residual block of two causal 3x3x3 convs; a 1x1x1 conv matches channels on the skip."""
+    features: int
+    norm_groups: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_BxTxHxWxC):
+        h = CausalConv3d(self.features, dtype=self.dtype)(
+            nn.silu(FrameNorm(self.norm_groups, self.dtype)(x_BxTxHxWxC)))
+        h = CausalConv3d(self.features, dtype=self.dtype)(nn.silu(FrameNorm(self.norm_groups, self.dtype)(h)))
+        skip = x_BxTxHxWxC
+        if skip.shape[-1] != self.features:
+            skip = CausalConv3d(self.features, kernel_size=(1, 1, 1), dtype=self.dtype)(skip)
+        return _constrain(skip + h)
+
+
+class Downsample(nn.Module):
+    """Halves H, W (if `spatial`) and frames `1 + 2n -> 1 + n` (if `temporal`) with one strided causal conv.
+
+    With K=3 and stride 2, output frame j reads input frames 2j-2..2j: frame 0 reads only frame 0.
+    """
+    features: int
+    spatial: bool
+    temporal: bool
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_BxTxHxWxC):
+        s, t = (2 if self.spatial else 1), (2 if self.temporal else 1)
+        return CausalConv3d(self.features, strides=(t, s, s), dtype=self.dtype)(x_BxTxHxWxC)
+
+
+class Upsample(nn.Module):
+    """The mirror of `Downsample`: frames `1 + n -> 1 + 2n` (if `temporal`), H, W doubled (if `spatial`).
+
+    Time: a causal conv makes two sub-frames per frame (depth-to-time), and the first frame keeps only its
+    second sub-frame, so latent frame 0 decodes to exactly one frame. Space: nearest-neighbour then conv,
+    which avoids the checkerboard of transposed convs.
+    """
+    features: int
+    spatial: bool
+    temporal: bool
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_BxTxHxWxC):
+        x = x_BxTxHxWxC
+        if self.temporal:
+            b, t, h, w, c = x.shape
+            x = CausalConv3d(2 * c, dtype=self.dtype)(x)
+            x = x.reshape(b, t, h, w, 2, c).transpose(0, 1, 4, 2, 3, 5).reshape(b, 2 * t, h, w, c)
+            # Only the chunk holding frame 0 drops a sub-frame; a streamed later chunk keeps all of its own.
+            continuing = _is_streaming(self) and self.has_variable("cache", "continuing")
+            if _is_streaming(self):
+                self.put_variable("cache", "continuing", jnp.ones((), jnp.bool_))
+            if not continuing:
+                x = x[:, 1:]
+        if self.spatial:
+            x = jnp.repeat(jnp.repeat(x, 2, axis=2), 2, axis=3)
+        return CausalConv3d(self.features, dtype=self.dtype)(x)
+
+
+def _stage_plan(widths: Sequence[int], spatial_factor: int, temporal_factor: int) -> list[tuple[bool, bool]]:
+    """(spatial, temporal) for each of the len(widths)-1 resolution changes; time is compressed at the
+    high-resolution stages first, where halving the frames saves the most compute."""
+    spatial_stages = _check_factor("spatial_factor", spatial_factor)
+    temporal_stages = _check_factor("temporal_factor", temporal_factor)
+    num_stages = max(spatial_stages, temporal_stages)
+    if len(widths) != num_stages + 1:
+        raise ValueError(
+            f"widths {tuple(widths)} has {len(widths)} levels, but spatial_factor={spatial_factor} and "
+            f"temporal_factor={temporal_factor} need {num_stages} down stages, i.e. {num_stages + 1} widths")
+    return [(i < spatial_stages, i < temporal_stages) for i in range(num_stages)]
+
+
+class Encoder(nn.Module):
+    """video [B, T, H, W, 3] -> (mean, logvar) [B, t, h, w, latent_channels], in the VAE's own latent space."""
+    widths: tuple[int, ...]
+    num_res_blocks: int
+    latent_channels: int
+    spatial_factor: int
+    temporal_factor: int
+    norm_groups: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, video_BxTxHxWx3):
+        plan = _stage_plan(self.widths, self.spatial_factor, self.temporal_factor)
+        x = CausalConv3d(self.widths[0], dtype=self.dtype)(_constrain(video_BxTxHxWx3.astype(self.dtype)))
+        for level, width in enumerate(self.widths):
+            for _ in range(self.num_res_blocks):
+                x = ResBlock(width, self.norm_groups, self.dtype)(x)
+            if level < len(plan):
+                spatial, temporal = plan[level]
+                x = Downsample(width, spatial, temporal, self.dtype)(x)
+        x = ResBlock(self.widths[-1], self.norm_groups, self.dtype)(x)
+        x = nn.silu(FrameNorm(self.norm_groups, self.dtype)(x))
+        moments = CausalConv3d(2 * self.latent_channels, dtype=self.dtype)(x).astype(jnp.float32)
+        mean, logvar = jnp.split(moments, 2, axis=-1)
+        return mean, jnp.clip(logvar, *_LOGVAR_RANGE)
+
+
+class Decoder(nn.Module):
+    """z [B, t, h, w, latent_channels] (VAE's own space) -> video [B, T, H, W, 3]; mirrors `Encoder`."""
+    widths: tuple[int, ...]
+    num_res_blocks: int
+    spatial_factor: int
+    temporal_factor: int
+    norm_groups: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, z_BxtxhxwxC):
+        plan = _stage_plan(self.widths, self.spatial_factor, self.temporal_factor)
+        x = CausalConv3d(self.widths[-1], dtype=self.dtype)(_constrain(z_BxtxhxwxC.astype(self.dtype)))
+        x = ResBlock(self.widths[-1], self.norm_groups, self.dtype)(x)
+        for level in reversed(range(len(self.widths))):
+            for _ in range(self.num_res_blocks):
+                x = ResBlock(self.widths[level], self.norm_groups, self.dtype)(x)
+            if level > 0:
+                spatial, temporal = plan[level - 1]
+                x = Upsample(self.widths[level - 1], spatial, temporal, self.dtype)(x)
+        x = nn.silu(FrameNorm(self.norm_groups, self.dtype)(x))
+        return CausalConv3d(3, dtype=self.dtype)(x).astype(jnp.float32)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The VAE
+
+
+class VideoVAE(nn.Module):
+    """Causal 3D conv VAE. video [B, T, H, W, 3] in [-1, 1] <-> latent [B, t, h, w, latent_channels].
+
+    t = 1 + (T-1)/temporal_factor, h = H/spatial_factor, w = W/spatial_factor; any T, H, W satisfying these
+    (a 1-frame clip is an image). `widths` are the channels per resolution level, one level more than the
+    number of halvings, log2(max(spatial_factor, temporal_factor)). `latent_mean`/`latent_std` (scalar or
+    per channel) map the VAE's latents to the diffusion model's; see the module docstring.
+    """
+    widths: tuple[int, ...] = VAE_TINY["widths"]
+    num_res_blocks: int = VAE_TINY["num_res_blocks"]
+    latent_channels: int = VAE_TINY["latent_channels"]
+    spatial_factor: int = VAE_TINY["spatial_factor"]
+    temporal_factor: int = VAE_TINY["temporal_factor"]
+    norm_groups: int = VAE_TINY["norm_groups"]
+    latent_mean: float | tuple[float, ...] = 0.0
+    latent_std: float | tuple[float, ...] = 1.0
+    dtype: Any = jnp.float32
+
+    def setup(self):
+        _stage_plan(self.widths, self.spatial_factor, self.temporal_factor)
+        bad = [w for w in self.widths if w % self.norm_groups]
+        if bad:
+            raise ValueError(f"norm_groups={self.norm_groups} must divide every width; widths {bad} of "
+                             f"{tuple(self.widths)} are not multiples")
+        common = dict(widths=tuple(self.widths), num_res_blocks=self.num_res_blocks,
+                      spatial_factor=self.spatial_factor, temporal_factor=self.temporal_factor,
+                      norm_groups=self.norm_groups, dtype=self.dtype)
+        self._shift_scale()
+        self.encoder = Encoder(latent_channels=self.latent_channels, **common)
+        self.decoder = Decoder(**common)
+
+    def _shift_scale(self):
+        return (_channel_vector(self.latent_mean, self.latent_channels, "latent_mean"),
+                _channel_vector(self.latent_std, self.latent_channels, "latent_std"))
+
+    def _check_video(self, video):
+        if video.ndim != 5 or video.shape[-1] != 3:
+            raise ValueError(f"video must be [B, T, H, W, 3] (RGB in [-1, 1]); got shape {tuple(video.shape)}")
+        latent_shape(video.shape[1:4], spatial_factor=self.spatial_factor, temporal_factor=self.temporal_factor)
+
+    def _check_latent(self, z):
+        if z.ndim != 5 or z.shape[-1] != self.latent_channels or z.shape[1] < 1:
+            raise ValueError(f"latent must be [B, t>=1, h, w, {self.latent_channels}]; got shape {tuple(z.shape)}")
+
+    def encode(self, video_BxTxHxWx3):
+        """-> (mean, logvar) [B, t, h, w, C] of the posterior, in diffusion space (scaled and shifted)."""
+        self._check_video(video_BxTxHxWx3)
+        mean, logvar = self.encoder(video_BxTxHxWx3)
+        shift, scale = self._shift_scale()
+        return (mean - shift) / scale, logvar - 2.0 * jnp.log(scale)
+
+    def decode(self, z_BxtxhxwxC):
+        """Diffusion-space latent [B, t, h, w, C] -> video [B, 1 + ft*(t-1), H, W, 3], unclipped."""
+        self._check_latent(z_BxtxhxwxC)
+        shift, scale = self._shift_scale()
+        return self.decoder(z_BxtxhxwxC * scale + shift)
+
+    def __call__(self, video_BxTxHxWx3, sample_key: jax.Array | None = None):
+        """-> (recon [B, T, H, W, 3], mean, logvar): the training path, in the VAE's own latent space.
+
+        z = mean + exp(logvar/2) * eps with a key, z = mean without one.
+        """
+        self._check_video(video_BxTxHxWx3)
+        mean, logvar = self.encoder(video_BxTxHxWx3)
+        z = mean
+        if sample_key is not None:
+            z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(sample_key, mean.shape, mean.dtype)
+        return self.decoder(z), mean, logvar
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Chunked decode
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _decode_step(vae: VideoVAE, variables, cache, z_chunk):
+    if cache is not None:
+        variables = {**variables, "cache": cache}
+    video, state = vae.apply(variables, z_chunk, method=VideoVAE.decode, mutable=["cache"])
+    return video, state["cache"]
+
+
+def iter_decode_chunks(vae: VideoVAE, params, z_BxtxhxwxC, chunk_latent_frames: int) -> Iterator[jax.Array]:
+    """Decodes `chunk_latent_frames` latent frames at a time, yielding pixel chunks in order.
+
+    The first chunk yields `1 + ft*(n-1)` frames, later ones `ft*n`; concatenated along time they equal
+    `vae.decode` of the whole clip. Memory is that of one chunk plus each causal conv's K-1 cached frames,
+    so a writer can stream frames to disk while the next chunk decodes. `params` is what `vae.init` returned.
+    Each distinct chunk length compiles once (the first chunk, later chunks, a shorter last chunk).
+    """
+    if chunk_latent_frames < 1:
+        raise ValueError(f"chunk_latent_frames must be >= 1; got {chunk_latent_frames}")
+    cache = None
+    for start in range(0, z_BxtxhxwxC.shape[1], chunk_latent_frames):
+        video_chunk, cache = _decode_step(vae, params, cache, z_BxtxhxwxC[:, start:start + chunk_latent_frames])
+        yield video_chunk
+
+
+def decode_chunked(vae: VideoVAE, params, z_BxtxhxwxC, chunk_latent_frames: int) -> jax.Array:
+    """`vae.decode(z)` computed `chunk_latent_frames` latent frames at a time (exact; see iter_decode_chunks)."""
+    return jnp.concatenate(list(iter_decode_chunks(vae, params, z_BxtxhxwxC, chunk_latent_frames)), axis=1)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loss and metrics
+
+
+def gaussian_kl(mean, logvar):
+    """Elementwise KL(N(mean, exp(logvar)) || N(0, 1))."""
+    return 0.5 * (jnp.square(mean) + jnp.exp(logvar) - 1.0 - logvar)
+
+
+def psnr(video, recon):
+    """Mean over the batch of each clip's PSNR in dB, for videos in [-1, 1] (peak-to-peak 2).
+
+    `recon` is clipped to [-1, 1] first: that is what gets written to disk.
+    """
+    err = jnp.clip(recon, -1.0, 1.0) - video
+    mse_B = jnp.mean(jnp.square(err).reshape(err.shape[0], -1), axis=1)
+    return jnp.mean(10.0 * jnp.log10(4.0 / mse_B))
+
+
+def vae_loss(video, recon, mean, logvar, *, kl_weight: float,
+             extra_losses: Sequence[Callable] | Mapping[str, Callable] = ()):
+    """-> (loss, metrics): L1 + L2 reconstruction + kl_weight * KL, plus each extra loss.
+
+    Every term is a mean per element (pixel values for reconstruction, latent values for the KL), so
+    kl_weight does not change with clip size. LDM's weight of 1e-6 on per-sample sums is 1e-6 / 48 ~ 2e-8
+    here for 4x8x8 compression to 16 channels (48 pixel values per latent value). `extra_losses` take
+    (video, recon) -> scalar and carry their own weights (the hook for perceptual or adversarial terms);
+    a mapping names them in the metrics, a sequence gets `extra_0`, `extra_1`, ...
+    """
+    err = recon.astype(jnp.float32) - video.astype(jnp.float32)
+    metrics = {
+        "l1": jnp.mean(jnp.abs(err)),
+        "l2": jnp.mean(jnp.square(err)),
+        "kl": jnp.mean(gaussian_kl(mean, logvar)),
+    }
+    loss = metrics["l1"] + metrics["l2"] + kl_weight * metrics["kl"]
+    named = extra_losses.items() if isinstance(extra_losses, Mapping) else \
+        ((f"extra_{i}", fn) for i, fn in enumerate(extra_losses))
+    for name, fn in named:
+        metrics[name] = fn(video, recon)
+        loss = loss + metrics[name]
+    metrics["psnr"] = psnr(video, recon)
+    metrics["loss"] = loss
+    return loss, metrics
+
+
+def latent_channel_stats(latents: Iterable[Any]) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel (mean, std) over latents [..., C] of any shapes (e.g. `encode` means of a data sample),
+    as tuples of floats ready to pass as `latent_mean` / `latent_std`. Encode with the default 0/1 fields."""
+    count, total, total_sq = 0, 0.0, 0.0
+    for latent in latents:
+        flat = np.asarray(latent, np.float64).reshape(-1, np.shape(latent)[-1])
+        count += flat.shape[0]
+        total = total + flat.sum(0)
+        total_sq = total_sq + np.square(flat).sum(0)
+    if count == 0:
+        raise ValueError("latent_channel_stats needs at least one latent")
+    mean = total / count
+    std = np.sqrt(np.maximum(total_sq / count - np.square(mean), 0.0))
+    return tuple(float(m) for m in mean), tuple(float(s) for s in std)
