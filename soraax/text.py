@@ -14,10 +14,11 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 
-from soraax.attention import IMPLS, attention
+from soraax.attention import IMPLS, MultiHeadAttention
 from soraax.packing import positions_from_segment_ids
 
 
@@ -81,29 +82,6 @@ def _dense_inits(kernel_axes: tuple[str, ...], bias_axes: tuple[str, ...]) -> di
             "bias_init": nn.with_logical_partitioning(nn.initializers.zeros_init(), bias_axes)}
 
 
-class TextSelfAttention(nn.Module):
-    """Multi-head self-attention restricted to each token's own caption."""
-
-    heads: int
-    attn_impl: str = "xla"
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x_BxLxD, segment_ids_BxL):
-        width = x_BxLxD.shape[-1]
-        if width % self.heads:
-            raise ValueError(f"text width {width} is not divisible by heads={self.heads}")
-        head_dim = width // self.heads
-        q_BxLxHxK, k_BxLxHxK, v_BxLxHxK = (
-            nn.DenseGeneral((self.heads, head_dim), dtype=self.dtype, name=name,
-                            **_dense_inits(("embed", "heads", "kv"), ("heads", "kv")))(x_BxLxD)
-            for name in ("query", "key", "value"))
-        out_BxLxHxK = attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, segment_ids_BxL, segment_ids_BxL,
-                                impl=self.attn_impl)
-        return nn.DenseGeneral(width, axis=(-2, -1), dtype=self.dtype, name="out",
-                               **_dense_inits(("heads", "kv", "embed"), ("embed",)))(out_BxLxHxK)
-
-
 class TextMlp(nn.Module):
     """Position-wise GELU MLP of width mlp_ratio * D."""
 
@@ -136,8 +114,9 @@ class TextBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x_BxLxD, segment_ids_BxL):
-        x_BxLxD = x_BxLxD + TextSelfAttention(self.heads, self.attn_impl, self.dtype, name="attn")(
-            _layer_norm(self.dtype, "attn_norm")(x_BxLxD), segment_ids_BxL)
+        h_BxLxD = _layer_norm(self.dtype, "attn_norm")(x_BxLxD)
+        x_BxLxD = x_BxLxD + MultiHeadAttention(self.heads, self.attn_impl, self.dtype, _ACTIVATION, name="attn")(
+            h_BxLxD, h_BxLxD, segment_ids_BxL, segment_ids_BxL)
         x_BxLxD = nn.with_logical_constraint(x_BxLxD, _ACTIVATION)
         x_BxLxD = x_BxLxD + TextMlp(self.mlp_ratio, self.dtype, name="mlp")(
             _layer_norm(self.dtype, "mlp_norm")(x_BxLxD))
@@ -192,3 +171,20 @@ class TextEncoder(nn.Module):
         x_BxLxD = _layer_norm(self.dtype, "final_norm")(x_BxLxD)
         x_BxLxD = jnp.where((text_segment_ids != 0)[:, :, None], x_BxLxD, 0).astype(self.dtype)
         return nn.with_logical_constraint(x_BxLxD, _ACTIVATION)
+
+
+def drop_captions(key, text_tokens_BxL, text_segment_ids_BxL, *, max_segments: int, rate: float):
+    """Replaces each packed caption, with probability `rate`, by the empty caption [BOS, EOS].
+
+    This is classifier-free guidance's caption dropout done inside the jitted step on packed rows: a dropped
+    caption keeps its first two slots (now BOS, EOS) and its other slots become padding, so the encoder sees
+    exactly what `encode("")` gives at sampling time.
+    """
+    drop_BxM = jax.random.bernoulli(key, rate, (text_tokens_BxL.shape[0], max_segments + 1))
+    drop_BxL = jnp.take_along_axis(drop_BxM, text_segment_ids_BxL, axis=1) & (text_segment_ids_BxL > 0)
+    position_BxL = positions_from_segment_ids(text_segment_ids_BxL)
+    empty_BxL = jnp.where(position_BxL == 0, ByteTokenizer.bos_id,
+                          jnp.where(position_BxL == 1, ByteTokenizer.eos_id, ByteTokenizer.pad_id))
+    tokens_BxL = jnp.where(drop_BxL, empty_BxL, text_tokens_BxL).astype(text_tokens_BxL.dtype)
+    segment_ids_BxL = jnp.where(drop_BxL & (position_BxL >= 2), 0, text_segment_ids_BxL)
+    return tokens_BxL, segment_ids_BxL

@@ -117,7 +117,7 @@ def test_params_carry_logical_axis_names():
     boxes = jax.tree.leaves(PARAMS, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
     assert all(isinstance(b, nn.LogicallyPartitioned) for b in boxes)
     names = {n for b in boxes for n in b.names}
-    assert names == {"vocab", "embed", "heads", "kv", "mlp", "text_length"}
+    assert names == {"vocab", "embed", "heads", "mlp", "text_length"}  # projections fold kv into heads
     params = nn.meta.unbox(PARAMS)["params"]
     assert params["position_embed"]["embedding"].shape == (ROW, 32)
     assert params["token_embed"]["embedding"].shape == (TOKENIZER.vocab_size, 32)

@@ -1,0 +1,221 @@
+"""The diffusion transformer over packed spacetime patches (DiT, Peebles & Xie 2023, made Sora-shaped).
+
+What differs from an image DiT, and why:
+  * inputs are PACKED rows: clips of any shape share a row and `segment_ids` keep them apart in
+    self-attention (and tell cross-attention which caption belongs to which clip), so the output for each
+    clip equals running it alone;
+  * positions come from integer `(t, h, w)` coordinates through 3D rotary embeddings, so there is no
+    learned position table and any resolution, aspect ratio or duration works;
+  * adaLN-Zero conditioning is PER TOKEN: each clip has its own timestep, and conditioning tokens
+    (image->video, extension) have t = 0 inside the same row;
+  * text enters by cross-attention to the clip's own caption, as in PixArt-alpha.
+
+Dimension key:
+  B batch rows, S packed video tokens, L packed text tokens, P patch dim (pt*ph*pw*C), D width,
+  H heads, K head dim, F mlp width, T text width, N layers.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from soraax.attention import MultiHeadAttention
+
+# Sizes of the DiT paper (Table 1); patch size and latent channels come from the config.
+DIT_S = dict(width=384, depth=12, heads=6)
+DIT_B = dict(width=768, depth=12, heads=12)
+DIT_L = dict(width=1024, depth=24, heads=16)
+DIT_XL = dict(width=1152, depth=28, heads=16)
+PRESETS = {"S": DIT_S, "B": DIT_B, "L": DIT_L, "XL": DIT_XL}
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+def _dense_init(names):
+    return nn.with_logical_partitioning(nn.initializers.xavier_uniform(), names)
+
+
+def _zeros(names):
+    return nn.with_logical_partitioning(nn.initializers.zeros_init(), names)
+
+
+def timestep_embedding(t_BxS, dim: int, max_period: float = 10_000.0):
+    """Sinusoidal features of t in [0, 1] (scaled by 1000 as in DiT so frequencies resolve 1/1000 steps)."""
+    half = dim // 2
+    freqs = jnp.exp(-jnp.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+    angles = (t_BxS.astype(jnp.float32) * 1000.0)[..., None] * freqs.reshape((1,) * t_BxS.ndim + (half,))
+    return jnp.concatenate([jnp.cos(angles), jnp.sin(angles)], axis=-1)
+
+
+def rope_split(head_dim: int) -> tuple[int, int, int]:
+    """How many head dims rotate with t, h and w: even sizes, h and w equal, t takes the rest."""
+    if head_dim % 2 or head_dim < 6:
+        raise ValueError(f"3D RoPE needs an even head dim >= 6, got {head_dim}")
+    hw = (head_dim // 3) // 2 * 2
+    return head_dim - 2 * hw, hw, hw
+
+
+def rope_angles(coords_BxSx3, *, head_dim: int, theta: float):
+    """Rotation angles [B, S, K/2] from integer (t, h, w) coordinates: one frequency band per axis."""
+    dims = rope_split(head_dim)
+    parts = []
+    for axis, dim in enumerate(dims):
+        freqs = 1.0 / (theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
+        parts.append(coords_BxSx3[..., axis].astype(jnp.float32)[..., None] * freqs[None, None, :])
+    return jnp.concatenate(parts, axis=-1)
+
+
+def apply_rope(x_BxSxHxK, angles_BxSxK2):
+    """Rotates pairs (x[2i], x[2i+1]) by the token's angle; relative offsets survive the dot product."""
+    cos = jnp.cos(angles_BxSxK2)[:, :, None, :]
+    sin = jnp.sin(angles_BxSxK2)[:, :, None, :]
+    x = x_BxSxHxK.astype(jnp.float32).reshape(*x_BxSxHxK.shape[:-1], -1, 2)
+    x_even, x_odd = x[..., 0], x[..., 1]
+    rotated = jnp.stack([x_even * cos - x_odd * sin, x_even * sin + x_odd * cos], axis=-1)
+    return rotated.reshape(x_BxSxHxK.shape).astype(x_BxSxHxK.dtype)
+
+
+def modulate(x_BxSxD, shift_BxSxD, scale_BxSxD):
+    return x_BxSxD * (1.0 + scale_BxSxD) + shift_BxSxD
+
+
+def _layer_norm(name: str, dtype):
+    # adaLN supplies scale and shift, so the norm itself carries none (DiT).
+    return nn.LayerNorm(epsilon=1e-6, use_scale=False, use_bias=False, dtype=dtype, name=name)
+
+
+class TimestepEmbedder(nn.Module):
+    """Per-token timestep t [B, S] -> conditioning c [B, S, D]."""
+    width: int
+    freq_dim: int = 256
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, t_BxS):
+        x = timestep_embedding(t_BxS, self.freq_dim)
+        x = nn.Dense(self.width, dtype=self.dtype, kernel_init=_dense_init((None, "embed")), name="fc1")(x)
+        x = nn.silu(x)
+        x = nn.Dense(self.width, dtype=self.dtype, kernel_init=_dense_init(("mlp", "embed")), name="fc2")(x)
+        return nn.with_logical_constraint(x, ("batch", "length", "embed"))
+
+
+class Mlp(nn.Module):
+    hidden: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_BxSxD):
+        width = x_BxSxD.shape[-1]
+        h_BxSxF = nn.Dense(self.hidden, dtype=self.dtype, kernel_init=_dense_init(("embed", "mlp")), name="fc1")(x_BxSxD)
+        h_BxSxF = nn.with_logical_constraint(nn.gelu(h_BxSxF, approximate=True), ("batch", "length", "mlp"))
+        return nn.Dense(width, dtype=self.dtype, kernel_init=_dense_init(("mlp", "embed")), name="fc2")(h_BxSxF)
+
+
+class DiTBlock(nn.Module):
+    """adaLN-Zero block: self-attention by segment, cross-attention to the segment's text, MLP.
+
+    Written as a scan body: `(x, None) = block(x, c, ...)`. Gates start at zero, so every block starts as
+    the identity (DiT's adaLN-Zero finding: the best-conditioned start for diffusion transformers).
+    """
+    heads: int
+    mlp_ratio: float = 4.0
+    cross_attn: bool = True
+    attn_impl: str = "xla"
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_BxSxD, c_BxSxD, angles, segment_ids, text_BxLxD, text_segment_ids):
+        width = x_BxSxD.shape[-1]
+        mod = nn.Dense(6 * width, dtype=self.dtype, kernel_init=_zeros(("embed", "mlp")),
+                       name="adaLN_modulation")(nn.silu(c_BxSxD))
+        shift_sa, scale_sa, gate_sa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod, 6, axis=-1)
+
+        h = modulate(_layer_norm("norm1", self.dtype)(x_BxSxD), shift_sa, scale_sa)
+        h = MultiHeadAttention(self.heads, self.attn_impl, self.dtype, name="self_attn")(
+            h, h, segment_ids, segment_ids, rotate=functools.partial(apply_rope, angles_BxSxK2=angles))
+        x_BxSxD = x_BxSxD + gate_sa * h
+
+        if self.cross_attn:
+            h = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm_cross")(x_BxSxD)
+            x_BxSxD = x_BxSxD + MultiHeadAttention(self.heads, self.attn_impl, self.dtype, name="cross_attn")(
+                h, text_BxLxD, segment_ids, text_segment_ids)
+
+        h = modulate(_layer_norm("norm2", self.dtype)(x_BxSxD), shift_mlp, scale_mlp)
+        x_BxSxD = x_BxSxD + gate_mlp * Mlp(int(width * self.mlp_ratio), self.dtype, name="mlp")(h)
+        return nn.with_logical_constraint(x_BxSxD, ("batch", "length", "embed")), None
+
+
+class DiT(nn.Module):
+    """Packed-sequence diffusion transformer: noisy patches + per-token t + text -> velocity per token.
+
+    Fields are the hyper-parameters; `patch_dim` is pt*ph*pw*C of the latent patches.
+    """
+    patch_dim: int
+    width: int = 1152
+    depth: int = 28
+    heads: int = 16
+    mlp_ratio: float = 4.0
+    cross_attn: bool = True
+    rope_theta: float = 10_000.0
+    attn_impl: str = "xla"
+    remat_policy: str = "none"
+    scan_layers: bool = True
+    dtype: Any = jnp.float32
+
+    def setup(self):
+        if self.width % self.heads:
+            raise ValueError(f"DiT width {self.width} is not divisible by heads {self.heads}")
+        if self.remat_policy not in REMAT_POLICIES:
+            raise ValueError(f"remat_policy {self.remat_policy!r} is not one of {sorted(REMAT_POLICIES)}")
+        rope_split(self.width // self.heads)
+
+    @nn.compact
+    def __call__(self, tokens_BxSxP, coords_BxSx3, segment_ids_BxS, t_BxS, text_BxLxT, text_segment_ids_BxL):
+        """Returns the predicted velocity [B, S, P]; padding tokens (segment id 0) get exactly zero."""
+        x_BxSxD = nn.Dense(self.width, dtype=self.dtype, kernel_init=_dense_init((None, "embed")),
+                           name="patch_embed")(tokens_BxSxP.astype(self.dtype))
+        x_BxSxD = nn.with_logical_constraint(x_BxSxD, ("batch", "length", "embed"))
+        c_BxSxD = TimestepEmbedder(self.width, dtype=self.dtype, name="t_embedder")(t_BxS)
+        angles = rope_angles(coords_BxSx3, head_dim=self.width // self.heads, theta=self.rope_theta)
+
+        text_BxLxD = None
+        if self.cross_attn:
+            text_BxLxD = nn.Dense(self.width, dtype=self.dtype, kernel_init=_dense_init((None, "embed")),
+                                  name="text_proj")(text_BxLxT.astype(self.dtype))
+            text_BxLxD = nn.with_logical_constraint(nn.gelu(text_BxLxD, approximate=True),
+                                                    ("batch", "text_length", "embed"))
+
+        block = DiTBlock
+        policy = REMAT_POLICIES[self.remat_policy]
+        if self.remat_policy != "none":
+            block = nn.remat(block, policy=policy, prevent_cse=not self.scan_layers)
+        block_kwargs = dict(heads=self.heads, mlp_ratio=self.mlp_ratio, cross_attn=self.cross_attn,
+                            attn_impl=self.attn_impl, dtype=self.dtype)
+        args = (c_BxSxD, angles, segment_ids_BxS, text_BxLxD, text_segment_ids_BxL)
+        if self.scan_layers:
+            x_BxSxD, _ = nn.scan(
+                block, variable_axes={"params": 0}, split_rngs={"params": True},
+                in_axes=(nn.broadcast,) * len(args), length=self.depth,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )(**block_kwargs, name="blocks")(x_BxSxD, *args)
+        else:
+            for i in range(self.depth):
+                x_BxSxD, _ = block(**block_kwargs, name=f"blocks_{i}")(x_BxSxD, *args)
+
+        shift, scale = jnp.split(nn.Dense(2 * self.width, dtype=self.dtype, kernel_init=_zeros(("embed", "mlp")),
+                                          name="final_modulation")(nn.silu(c_BxSxD)), 2, axis=-1)
+        x_BxSxD = modulate(_layer_norm("final_norm", self.dtype)(x_BxSxD), shift, scale)
+        v_BxSxP = nn.Dense(self.patch_dim, dtype=self.dtype, kernel_init=_zeros(("embed", None)),
+                           name="final_proj")(x_BxSxD)
+        real_BxS = (segment_ids_BxS > 0)[..., None]
+        return jnp.where(real_BxS, v_BxSxP.astype(jnp.float32), 0.0)
