@@ -1,0 +1,1 @@
+"""Grain data sources for soraax: synthetic captioned clips, folders of videos, TFDS ArrayRecord."""
