@@ -1,0 +1,68 @@
+"""Orbax checkpoints of a run: the train state and the Grain iterator in one step folder, plus the config.
+
+    WORKDIR/config.json           the resolved config (sample and eval rebuild the model from it)
+    WORKDIR/checkpoints/<step>/   state (params, EMA params, optimizer state, step) and data (iterator)
+
+Orbax writes each step to a temporary folder and renames it when complete, so a crash or kill mid-save
+leaves the last complete step readable; saves are asynchronous, so training goes on while one writes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import grain
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+
+CONFIG_FILE = "config.json"
+
+
+def manager(workdir: str, *, keep: int, every: int) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=every,
+                                           enable_async_checkpointing=True, create=True)
+    return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"), options=options)
+
+
+def save(mngr: ocp.CheckpointManager, step: int, state, data_iterator=None, *, force: bool = False) -> bool:
+    items = {"state": ocp.args.StandardSave(state)}
+    if data_iterator is not None:
+        items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+    return mngr.save(step, args=ocp.args.Composite(**items), force=force)
+
+
+def restore(mngr: ocp.CheckpointManager, abstract_state, data_iterator=None, step: int | None = None):
+    """The state at `step` (default: latest) placed by `abstract_state`'s shardings; the iterator in place."""
+    step = mngr.latest_step() if step is None else step
+    items = {"state": ocp.args.StandardRestore(abstract_state)}
+    if data_iterator is not None:
+        items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+    return mngr.restore(step, args=ocp.args.Composite(**items))["state"]
+
+
+def write_config(workdir: str, cfg: ml_collections.ConfigDict) -> None:
+    if jax.process_index() == 0:
+        os.makedirs(workdir, exist_ok=True)
+        with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
+            f.write(cfg.to_json(indent=2))
+
+
+def read_config(workdir: str) -> ml_collections.ConfigDict:
+    path = os.path.join(workdir, CONFIG_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{workdir} holds no {CONFIG_FILE}: is it a soraax run's workdir? "
+                                f"(train one with python -m soraax.train --config configs/tiny.py --workdir {workdir})")
+    with open(path) as f:
+        return ml_collections.ConfigDict(_tuples(json.load(f)))
+
+
+def _tuples(tree: Any) -> Any:
+    # JSON has no tuples; configs use them for shapes (patch_size, vae.widths, vae.crop).
+    if isinstance(tree, dict):
+        return {k: _tuples(v) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return tuple(_tuples(v) for v in tree)
+    return tree

@@ -1,0 +1,196 @@
+"""The input pipeline: native-aspect clips -> token budget -> latents -> spacetime patches -> packed rows.
+
+    source -> shuffle(seed) -> this host's shard -> decode -> temporal crop + resize to the token budget
+    (aspect kept, rounded to the patch grid; never a square crop) -> [Grain worker processes end here]
+    -> VAE encode (frozen, jitted once per clip shape) -> patches + coords -> Patch n' Pack -> batch
+
+Decode and resize are numpy and run in Grain worker processes (`data.workers`); the VAE runs in the
+training process, where JAX lives. Every random choice comes from Grain's per-element seeds, so the
+sequence of batches is a function of `seed` and the iterator state alone, and a resumed run sees the
+batches an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import grain
+import numpy as np
+from absl import flags
+
+from soraax import packing, patches
+from soraax.data.folder import ManifestSource, decode_example
+from soraax.data.synthetic import SyntheticClips
+from soraax.text import ByteTokenizer
+
+EncodeFn = Callable[[np.ndarray], np.ndarray]  # video float32 [T, H, W, 3] in [-1, 1] -> latent [t, h, w, C]
+
+
+# ------------------------------------------------------------------------------------------- sizing
+
+
+def fit_to_budget(num_frames: int, height: int, width: int, *, token_budget: int, max_frames: int,
+                  spatial_factor: int, temporal_factor: int, patch_size) -> tuple[int, int, int]:
+    """(T, H, W) to crop and resize a clip to so that it costs at most `token_budget` tokens.
+
+    Duration first, since motion is what a video model must learn: the clip keeps up to `max_frames`
+    frames (in the VAE's `1 + ft*n` steps), then its resolution shrinks, aspect ratio kept and rounded to
+    whole patches (within one patch of the native aspect), until the tokens fit; never upscaled. Only when
+    even a one-patch frame cannot carry all frames are frames dropped. An image gets the whole budget.
+    """
+    pt, ph, pw = patch_size
+    cell_h, cell_w = spatial_factor * ph, spatial_factor * pw
+    latent_frames = 1 + (min(num_frames, max_frames) - 1) // temporal_factor
+    latent_frames = max(pt, latent_frames - latent_frames % pt)
+    time_patches = min(latent_frames // pt, token_budget)
+    if time_patches < 1:
+        raise ValueError(f"data.token_budget={token_budget} cannot hold one {pt}x1x1 patch")
+    per_frame = token_budget // time_patches
+    grid_h, grid_w = height / cell_h, width / cell_w
+    scale = min(1.0, math.sqrt(per_frame / (grid_h * grid_w)))
+    # Flooring both sides keeps the product within budget and each side within one patch of the native
+    # aspect; a side clamped to one patch (a 1x4000 strip) caps the other instead.
+    gh, gw = max(1, math.floor(grid_h * scale)), max(1, math.floor(grid_w * scale))
+    gh, gw = min(gh, per_frame // gw), min(gw, per_frame // gh)
+    return 1 + temporal_factor * (time_patches * pt - 1), gh * cell_h, gw * cell_w
+
+
+def _resize_matrix(in_size: int, out_size: int) -> np.ndarray:
+    """[out, in] weights of a triangle filter, widened when shrinking so it averages (antialiasing)."""
+    scale = out_size / in_size
+    support = max(1.0, 1.0 / scale)
+    centres = (np.arange(out_size) + 0.5) / scale - 0.5
+    distance = np.abs(np.arange(in_size)[None, :] - centres[:, None]) / support
+    weights = np.maximum(0.0, 1.0 - distance)
+    return (weights / weights.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+def resize_video(video_uint8_THWC: np.ndarray, height: int, width: int) -> np.ndarray:
+    """uint8 [T, H, W, 3] -> float32 [T, height, width, 3] in [-1, 1], antialiased bilinear."""
+    video = video_uint8_THWC.astype(np.float32) * (2.0 / 255.0) - 1.0
+    if video.shape[1:3] == (height, width):
+        return video
+    rows = _resize_matrix(video.shape[1], height)
+    cols = _resize_matrix(video.shape[2], width)
+    return np.einsum("yh,thwc,xw->tyxc", rows, video, cols, optimize=True)
+
+
+def crop_time(video_THWC: np.ndarray, num_frames: int, rng: np.random.Generator) -> np.ndarray:
+    start = int(rng.integers(0, video_THWC.shape[0] - num_frames + 1))
+    return video_THWC[start:start + num_frames]
+
+
+# ------------------------------------------------------------------------------------------- sources
+
+
+def clip_source(data_cfg, *, seed: int, split: str = "train"):
+    """(random-access source, decode map or None) for config.data.source."""
+    if data_cfg.source == "synthetic":
+        # 2..4 frames would crop to one frame still captioned as moving: images are 1 frame, videos >= 5.
+        durations = (1,) + tuple(range(5, data_cfg.max_frames + 1))
+        return SyntheticClips(num_examples=data_cfg.num_examples, seed=seed, split=split,
+                              durations=durations), None
+    if data_cfg.source == "folder":
+        return ManifestSource(data_cfg.manifest), decode_example
+    if data_cfg.source == "tfds":
+        from soraax.data.tfds_source import open_tfds_source
+        return open_tfds_source(data_cfg.tfds_dir, data_cfg.tfds_name, split="train"), decode_example
+    raise ValueError(f"config.data.source={data_cfg.source!r} is not one of synthetic, folder, tfds")
+
+
+def _decoded_clips(cfg, *, process_index: int, process_count: int, split: str = "train") -> grain.MapDataset:
+    source, decode = clip_source(cfg.data, seed=cfg.seed, split=split)
+    if len(source) < process_count:
+        raise ValueError(f"the dataset has {len(source)} examples, fewer than the {process_count} hosts")
+    # Shard before repeating: every epoch reshuffles, and each host still reads a disjoint share of it.
+    ds = grain.MapDataset.source(source).shuffle(seed=cfg.seed)[process_index::process_count].repeat()
+    if decode is not None:
+        ds = ds.map(decode)  # None for a file that does not decode: Grain drops it; folder.SKIPS counts it
+    return ds
+
+
+class _PrepareForDiT(grain.transforms.RandomMap):
+    """Caption choice and tokens, temporal crop and resize to the token budget (numpy, worker-safe)."""
+
+    def __init__(self, cfg):
+        self.budget = dict(token_budget=cfg.data.token_budget, max_frames=cfg.data.max_frames,
+                           spatial_factor=cfg.vae.spatial_factor, temporal_factor=cfg.vae.temporal_factor,
+                           patch_size=tuple(cfg.model.patch_size))
+        self.detailed_rate = cfg.data.detailed_caption_rate
+        self.text_len = cfg.text_len
+        self.tokenizer = ByteTokenizer()
+
+    def random_map(self, example: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+        video = example["video"]
+        frames, height, width = fit_to_budget(*video.shape[:3], **self.budget)
+        caption = example["caption"]
+        if example.get("caption_detailed") and rng.random() < self.detailed_rate:
+            caption = example["caption_detailed"]
+        return {"video": resize_video(crop_time(video, frames, rng), height, width),
+                "text_tokens": self.tokenizer.encode(caption, self.text_len)}
+
+
+def _encode_and_patchify(encode: EncodeFn, patch_size) -> Callable[[dict], dict]:
+    def fn(example):
+        latent = np.asarray(encode(example["video"]))
+        tokens, coords = patches.patchify(latent, patch_size)
+        return {"tokens": tokens.astype(np.float32), "coords": coords,
+                "cond_mask": np.zeros(tokens.shape[0], bool), "text_tokens": example["text_tokens"]}
+    return fn
+
+
+def _worker_processes(ds: grain.IterDataset, workers: int) -> grain.IterDataset:
+    if workers <= 0:
+        return ds
+    # Grain's workers read absl flags; outside an absl app (a notebook, a test) nothing has parsed them.
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+    return ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+
+
+def dit_batches(cfg, encode: EncodeFn, *, process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
+    """This host's share of the packed batches: dicts of [batch_size / hosts, ...] arrays (DESIGN.md)."""
+    if cfg.batch_size % process_count:
+        raise ValueError(f"config.batch_size={cfg.batch_size} must divide evenly over {process_count} hosts")
+    ds = _decoded_clips(cfg, process_index=process_index, process_count=process_count)
+    ds = _worker_processes(ds.random_map(_PrepareForDiT(cfg), seed=cfg.seed).to_iter_dataset(), cfg.data.workers)
+    ds = ds.map(_encode_and_patchify(encode, tuple(cfg.model.patch_size)))
+    ds = packing.pack_clips(ds, seq_len=cfg.seq_len, text_len=cfg.text_len, max_segments=cfg.max_segments,
+                            num_packing_bins=cfg.data.packing_bins, strategy=cfg.data.packing, seed=cfg.seed)
+    ds = ds.batch(cfg.batch_size // process_count, drop_remainder=True)
+    # The VAE encode above is host work: a thread keeps the next batches coming while the step runs.
+    return grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=2)
+
+
+class _CropForVAE(grain.transforms.RandomMap):
+    """A fixed-size random crop (frames, height, width) after a resize that keeps the aspect ratio."""
+
+    def __init__(self, crop):
+        self.frames, self.height, self.width = (int(c) for c in crop)
+
+    def random_map(self, example: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+        video = example["video"]
+        t, h, w = video.shape[:3]
+        scale = max(self.height / h, self.width / w)
+        video = resize_video(crop_time(video, self.frames, rng), max(self.height, round(h * scale)),
+                             max(self.width, round(w * scale)))
+        y = int(rng.integers(0, video.shape[1] - self.height + 1))
+        x = int(rng.integers(0, video.shape[2] - self.width + 1))
+        return {"video": video[:, y:y + self.height, x:x + self.width]}
+
+
+def vae_batches(cfg, *, process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
+    """Batches of fixed-size crops `{"video": float32 [B, *vae.crop, 3]}` for training the VAE.
+
+    A conv VAE needs no packing, so crops of one size batch densely; clips shorter than the crop are
+    skipped (every crop still teaches the first-frame-alone image path).
+    """
+    if cfg.vae.batch_size % process_count:
+        raise ValueError(f"config.vae.batch_size={cfg.vae.batch_size} must divide evenly over {process_count} hosts")
+    frames = int(cfg.vae.crop[0])
+    ds = _decoded_clips(cfg, process_index=process_index, process_count=process_count)
+    ds = ds.filter(lambda ex: ex["video"].shape[0] >= frames)
+    ds = _worker_processes(ds.random_map(_CropForVAE(cfg.vae.crop), seed=cfg.seed).to_iter_dataset(),
+                           cfg.data.workers)
+    return ds.batch(cfg.vae.batch_size // process_count, drop_remainder=True)

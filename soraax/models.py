@@ -1,0 +1,47 @@
+"""From a config to the modules it names: the one place where config keys become module fields."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax.numpy as jnp
+import ml_collections
+
+from soraax import patches
+from soraax.dit import DiT
+from soraax.text import ByteTokenizer, TextEncoder
+from soraax.vae import VideoVAE
+
+
+@dataclass(frozen=True)
+class Models:
+    """The modules of one text-to-video model; params live elsewhere (TrainState / checkpoints)."""
+    dit: DiT
+    text_encoder: TextEncoder
+    vae: VideoVAE
+    tokenizer: ByteTokenizer
+    patch_size: tuple[int, int, int]
+
+    @property
+    def latent_channels(self) -> int:
+        return self.vae.latent_channels
+
+
+def build_vae(vae_cfg, latent_mean=0.0, latent_std=1.0) -> VideoVAE:
+    return VideoVAE(widths=tuple(vae_cfg.widths), num_res_blocks=vae_cfg.num_res_blocks,
+                    latent_channels=vae_cfg.latent_channels, spatial_factor=vae_cfg.spatial_factor,
+                    temporal_factor=vae_cfg.temporal_factor, norm_groups=vae_cfg.norm_groups,
+                    latent_mean=latent_mean, latent_std=latent_std)
+
+
+def build(cfg: ml_collections.ConfigDict, latent_mean=0.0, latent_std=1.0) -> Models:
+    m = cfg.model
+    dtype = jnp.dtype(m.dtype)
+    patch_size = tuple(int(p) for p in m.patch_size)
+    dit = DiT(patch_dim=patches.patch_dim(patch_size, cfg.vae.latent_channels), width=m.width, depth=m.depth,
+              heads=m.heads, mlp_ratio=m.mlp_ratio, attn_impl=m.attn_impl, remat_policy=m.remat_policy,
+              scan_layers=m.scan_layers, dtype=dtype)
+    text_encoder = TextEncoder(vocab_size=ByteTokenizer.vocab_size, width=m.text_width, depth=m.text_depth,
+                               heads=m.text_heads, max_len=cfg.text_len, attn_impl=m.attn_impl, dtype=dtype)
+    return Models(dit=dit, text_encoder=text_encoder, vae=build_vae(cfg.vae, latent_mean, latent_std),
+                  tokenizer=ByteTokenizer(), patch_size=patch_size)

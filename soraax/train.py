@@ -1,0 +1,414 @@
+"""Training: `python -m soraax.train --config configs/tiny.py --workdir runs/tiny [--config.KEY=VALUE ...]`.
+
+One loop for both tasks of a config: `dit` (the diffusion transformer with its text encoder, on packed
+latent patches) and `vae` (the causal video VAE, on fixed-size crops). A DiT config whose
+`vae.checkpoint` is empty trains its VAE first, into WORKDIR/vae. The loop only moves data, calls the
+jitted step, logs and saves; everything else is a pure function of `(state, batch, rng)`.
+
+Flags: --config FILE, --workdir DIR, --config.KEY=VALUE, --dry_run (sizes and the batch/mesh it would
+use, nothing allocated), --compile_only (lower and compile the step, print its memory and FLOPs).
+A rerun with the same workdir resumes from the latest checkpoint and says so.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import sys
+import time
+from typing import Any, Callable
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import app, flags
+from absl import logging as absl_logging
+from ml_collections import config_flags
+from tqdm import tqdm
+
+from soraax import checkpoints, config as config_lib, diffusion, flops, packing, sharding
+from soraax.data import pipeline
+from soraax.models import Models, build, build_vae
+from soraax.text import drop_captions
+from soraax.vae import VideoVAE, latent_channel_stats, vae_loss
+
+LATENT_STATS_FILE = "latent_stats.json"
+log = logging.getLogger("soraax.train")
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    ema_params: Any
+    opt_state: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """What differs between training the DiT and the VAE; the loop is shared."""
+    name: str
+    init_params: Callable[[jax.Array], Any]               # key -> params (logically boxed)
+    loss_fn: Callable[[Any, dict, jax.Array], tuple]      # (params, batch, rng) -> (loss, metrics)
+    batches: Callable[[int, int], Any]                    # (process_index, process_count) -> IterDataset
+    batch_specs: dict[str, jax.sharding.PartitionSpec]    # per batch key
+    token_counts: Callable[[dict], tuple[int, int]]       # host batch -> (real tokens, slots)
+    total_steps: int
+    learning_rate: float
+
+
+# ------------------------------------------------------------------------------------------ the step
+
+
+def make_optimizer(cfg, learning_rate: float, total_steps: int):
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, learning_rate, warmup_steps=min(cfg.warmup_steps, max(total_steps - 1, 0)),
+        decay_steps=max(total_steps, cfg.warmup_steps + 1), end_value=0.1 * learning_rate)
+    parts = [optax.clip_by_global_norm(cfg.grad_clip)] if cfg.grad_clip > 0 else []
+    parts.append(optax.adamw(schedule, b1=0.9, b2=0.99, weight_decay=cfg.weight_decay))
+    return optax.chain(*parts), schedule
+
+
+def make_train_step(loss_fn, tx, schedule, ema_decay: float):
+    def train_step(state: TrainState, batch: dict, rng: jax.Array):
+        rng = jax.random.fold_in(rng, state.step)
+        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, rng)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        ema_params = jax.tree_util.tree_map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p,
+                                            state.ema_params, params)
+        metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads),
+                   "learning_rate": schedule(state.step)}
+        return TrainState(state.step + 1, params, ema_params, opt_state), metrics
+    return train_step
+
+
+def dit_loss_fn(models: Models, cfg):
+    d = cfg.diffusion
+
+    def loss_fn(params, batch, rng):
+        k_drop, k_t, k_eps = jax.random.split(rng, 3)
+        text_tokens, text_segment_ids = drop_captions(
+            k_drop, batch["text_tokens"], batch["text_segment_ids"], max_segments=cfg.max_segments,
+            rate=d.text_dropout)
+        text_states = models.text_encoder.apply({"params": params["text"]}, text_tokens, text_segment_ids)
+        x0, segment_ids, cond_mask = batch["tokens"], batch["segment_ids"], batch["cond_mask"]
+        t = diffusion.per_token_timesteps(k_t, segment_ids, cond_mask, max_segments=cfg.max_segments,
+                                          base_tokens=d.base_tokens, mean=d.t_mean, std=d.t_std)
+        eps = jax.random.normal(k_eps, x0.shape, x0.dtype)
+        x_t = jnp.where(cond_mask[..., None], x0, diffusion.flow_interpolate(x0, eps, t))
+        v = models.dit.apply({"params": params["dit"]}, x_t, batch["coords"], segment_ids, t, text_states,
+                             text_segment_ids)
+        return diffusion.masked_mse(v, diffusion.flow_velocity_target(x0, eps), segment_ids, cond_mask), {}
+    return loss_fn
+
+
+def vae_loss_fn(vae: VideoVAE, kl_weight: float):
+    def loss_fn(params, batch, rng):
+        recon, mean, logvar = vae.apply({"params": params}, batch["video"], rng)
+        loss, metrics = vae_loss(batch["video"], recon, mean, logvar, kl_weight=kl_weight)
+        metrics.pop("loss")
+        return loss, metrics
+    return loss_fn
+
+
+# ------------------------------------------------------------------------------------------- tasks
+
+
+def _abstract_dit_batch(cfg, rows: int) -> dict:
+    p = build(cfg).dit.patch_dim
+    s, l = cfg.seq_len, cfg.text_len
+    return {"tokens": jnp.zeros((rows, s, p), jnp.float32), "coords": jnp.zeros((rows, s, 3), jnp.int32),
+            "segment_ids": jnp.ones((rows, s), jnp.int32), "cond_mask": jnp.zeros((rows, s), bool),
+            "text_tokens": jnp.ones((rows, l), jnp.int32), "text_segment_ids": jnp.ones((rows, l), jnp.int32)}
+
+
+def dit_task(cfg, vae_params=None, latent_stats=((0.0,), (1.0,))) -> Task:
+    mean, std = latent_stats
+    models = build(cfg, latent_mean=mean, latent_std=std)
+
+    def init_params(key):
+        k_text, k_dit = jax.random.split(key)
+        batch = _abstract_dit_batch(cfg, 1)
+        text_vars = models.text_encoder.init(k_text, batch["text_tokens"], batch["text_segment_ids"])
+        text_states = jnp.zeros((1, cfg.text_len, cfg.model.text_width), jnp.float32)
+        dit_vars = models.dit.init(k_dit, batch["tokens"], batch["coords"], batch["segment_ids"],
+                                   jnp.zeros((1, cfg.seq_len)), text_states, batch["text_segment_ids"])
+        return {"dit": dit_vars["params"], "text": text_vars["params"]}
+
+    def batches(process_index, process_count):
+        encode = jax.jit(lambda p, v: models.vae.apply({"params": p}, v[None], method=VideoVAE.encode)[0][0])
+        return pipeline.dit_batches(cfg, lambda video: np.asarray(encode(vae_params, video)),
+                                    process_index=process_index, process_count=process_count)
+
+    video = jax.sharding.PartitionSpec(("data", "fsdp"), "context")
+    text = jax.sharding.PartitionSpec(("data", "fsdp"))
+    specs = {"tokens": video, "coords": video, "segment_ids": video, "cond_mask": video,
+             "text_tokens": text, "text_segment_ids": text}
+
+    def token_counts(batch):
+        stats = packing.packing_stats(batch["segment_ids"])
+        return stats["real_tokens"], stats["slots"]
+
+    return Task("dit", init_params, dit_loss_fn(models, cfg), batches, specs, token_counts,
+                cfg.total_steps, cfg.learning_rate)
+
+
+def vae_task(cfg) -> Task:
+    vae = build_vae(cfg.vae)
+    crop = tuple(int(c) for c in cfg.vae.crop)
+
+    def init_params(key):
+        return vae.init(key, jnp.zeros((1, *crop, 3), jnp.float32))["params"]
+
+    def token_counts(batch):
+        n = int(np.prod(batch["video"].shape[:-1]))  # pixels: a dense batch has no padding
+        return n, n
+
+    return Task("vae", init_params, vae_loss_fn(vae, cfg.vae.kl_weight),
+                lambda i, n: pipeline.vae_batches(cfg, process_index=i, process_count=n),
+                {"video": jax.sharding.PartitionSpec(("data", "fsdp"))}, token_counts,
+                cfg.vae.train_steps, cfg.vae.learning_rate)
+
+
+# -------------------------------------------------------------------------------------------- loop
+
+
+def create_state(cfg, task: Task, mesh):
+    """(init fn jitted to its shardings, state shardings, abstract state) - `eval_shape` first, so nothing
+    is allocated until the init runs, and then each device allocates only its own shards."""
+    tx, _ = make_optimizer(cfg, task.learning_rate, task.total_steps)
+
+    def init_boxed(key):
+        params = task.init_params(key)
+        return TrainState(jnp.zeros((), jnp.int32), params, params, tx.init(params))
+
+    boxed = jax.eval_shape(init_boxed, jax.random.PRNGKey(0))
+    with sharding.rules_context(mesh):
+        shardings = sharding.logical_sharding(boxed, mesh)
+    abstract = jax.tree_util.tree_map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                                      nn.meta.unbox(boxed), shardings)
+    init = jax.jit(lambda key: nn.meta.unbox(init_boxed(key)), out_shardings=shardings)
+    return init, shardings, abstract
+
+
+def _param_count(abstract_state) -> int:
+    return sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(abstract_state.params))
+
+
+def _global_batch(batch: dict, specs: dict, mesh) -> dict:
+    return {k: jax.make_array_from_process_local_data(jax.sharding.NamedSharding(mesh, specs[k]), np.asarray(v))
+            for k, v in batch.items()}
+
+
+class MetricsWriter:
+    """Appends one JSON object a line to WORKDIR/metrics.jsonl (process 0 only)."""
+
+    def __init__(self, workdir: str, name: str):
+        self.path = os.path.join(workdir, f"metrics_{name}.jsonl" if name != "dit" else "metrics.jsonl")
+
+    def write(self, record: dict):
+        if jax.process_index() == 0:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def train(cfg, workdir: str, task: Task, *, show_progress: bool = True, stop_at: int | None = None) -> list[dict]:
+    """Runs (or resumes) `task` to its total steps in `workdir`; returns the logged metric records.
+
+    `stop_at` ends this run early at that step with a checkpoint, as a preempted run would; the next
+    call resumes from it and continues the same schedule and batch sequence.
+    """
+    os.makedirs(workdir, exist_ok=True)
+    checkpoints.write_config(workdir, cfg)
+    mesh = sharding.make_mesh(cfg.mesh)
+    tx, schedule = make_optimizer(cfg, task.learning_rate, task.total_steps)
+    init, state_shardings, abstract = create_state(cfg, task, mesh)
+    batch_shardings = {k: jax.sharding.NamedSharding(mesh, s) for k, s in task.batch_specs.items()}
+    replicated = sharding.replicated(mesh)
+    step_fn = jax.jit(make_train_step(task.loss_fn, tx, schedule, cfg.ema_decay),
+                      in_shardings=(state_shardings, batch_shardings, replicated),
+                      out_shardings=(state_shardings, replicated), donate_argnums=0)
+
+    data = iter(task.batches(jax.process_index(), jax.process_count()))
+    mngr = checkpoints.manager(workdir, keep=cfg.keep_checkpoints, every=cfg.checkpoint_every)
+    if mngr.latest_step() is not None:
+        state = checkpoints.restore(mngr, abstract, data)
+        print(f"[{task.name}] resuming from step {int(state.step)} in {workdir}", flush=True)
+    else:
+        state = init(jax.random.PRNGKey(cfg.seed))
+        print(f"[{task.name}] starting: {_param_count(abstract):,} params, mesh {dict(mesh.shape)}, "
+              f"{task.total_steps} steps", flush=True)
+    rng = jax.random.PRNGKey(cfg.seed + 1)
+    writer = MetricsWriter(workdir, task.name)
+    records, window = [], {"real": 0, "slots": 0, "time": 0.0, "steps": 0}
+    start = int(state.step)
+    progress = tqdm(total=task.total_steps, initial=start, desc=f"train {task.name}", unit="step",
+                    disable=not show_progress or jax.process_index() != 0, dynamic_ncols=True)
+    tick = time.perf_counter()
+    with sharding.rules_context(mesh):
+        end = task.total_steps if stop_at is None else min(stop_at, task.total_steps)
+        for step in range(start, end):
+            host_batch = next(data)
+            real, slots = task.token_counts(host_batch)
+            state, metrics = step_fn(state, _global_batch(host_batch, task.batch_specs, mesh), rng)
+            window["real"] += real * jax.process_count()
+            window["slots"] += slots * jax.process_count()
+            window["steps"] += 1
+            done = step + 1
+            if done % cfg.log_every == 0 or done == task.total_steps:
+                metrics = jax.device_get(metrics)  # waits for this step; the window's time is then honest
+                now = time.perf_counter()
+                elapsed, tick = now - tick, now
+                record = {"step": done, **{k: float(v) for k, v in metrics.items()},
+                          "real_tokens_per_sec": window["real"] / elapsed,
+                          "padded_tokens_per_sec": window["slots"] / elapsed,
+                          "packing_efficiency": window["real"] / max(window["slots"], 1),
+                          "step_time": elapsed / window["steps"]}
+                records.append(record)
+                writer.write(record)
+                progress.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['real_tokens_per_sec']:.0f}")
+                window = {"real": 0, "slots": 0, "time": 0.0, "steps": 0}
+            if done % cfg.checkpoint_every == 0 or done == end:
+                checkpoints.save(mngr, done, state, data, force=True)
+            progress.update(1)
+    progress.close()
+    if hasattr(data, "close"):
+        data.close()  # stop prefetch threads and worker processes now, not at interpreter exit
+    mngr.wait_until_finished()
+    mngr.close()
+    return records
+
+
+# ----------------------------------------------------------------------------------------- the VAE
+
+
+def vae_latent_stats(cfg, vae_dir: str, num_batches: int = 8):
+    """Per-channel mean/std of the trained VAE's latents on training data, cached in vae_dir."""
+    path = os.path.join(vae_dir, LATENT_STATS_FILE)
+    if os.path.isfile(path):
+        with open(path) as f:
+            stats = json.load(f)
+        return tuple(stats["mean"]), tuple(stats["std"])
+    params = load_vae_params(cfg, vae_dir)
+    vae = build_vae(cfg.vae)
+    encode = jax.jit(lambda p, v: vae.apply({"params": p}, v, method=VideoVAE.encode)[0])
+    data = iter(pipeline.vae_batches(cfg))
+    mean, std = latent_channel_stats(np.asarray(encode(params, next(data)["video"])) for _ in range(num_batches))
+    if jax.process_index() == 0:
+        with open(path, "w") as f:
+            json.dump({"mean": mean, "std": std}, f)
+    return mean, std
+
+
+def load_vae_params(cfg, vae_dir: str, use_ema: bool = True):
+    """The VAE params (EMA by default) of a finished VAE run in `vae_dir`."""
+    task = vae_task(cfg)
+    mesh = sharding.make_mesh(cfg.mesh)
+    _, _, abstract = create_state(cfg, task, mesh)
+    mngr = checkpoints.manager(vae_dir, keep=cfg.keep_checkpoints, every=cfg.checkpoint_every)
+    if mngr.latest_step() is None:
+        raise FileNotFoundError(f"no VAE checkpoint in {vae_dir}: train one with "
+                                f"python -m soraax.train --config configs/vae_tiny.py --workdir {vae_dir}")
+    state = checkpoints.restore(mngr, abstract)
+    mngr.close()
+    return state.ema_params if use_ema else state.params
+
+
+def ensure_vae(cfg, workdir: str) -> str:
+    """The folder of the VAE this DiT config uses, training it first if the config names none."""
+    if cfg.vae.checkpoint:
+        if not os.path.isdir(cfg.vae.checkpoint):
+            raise FileNotFoundError(f"config.vae.checkpoint={cfg.vae.checkpoint!r} is not a folder")
+        return cfg.vae.checkpoint
+    vae_dir = os.path.join(workdir, "vae")
+    vae_cfg = cfg.copy_and_resolve_references()
+    vae_cfg.task = "vae"
+    train(vae_cfg, vae_dir, vae_task(vae_cfg))
+    return vae_dir
+
+
+def run(cfg, workdir: str) -> list[dict]:
+    config_lib.validate(cfg)
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise config_lib.ConfigError(f"--workdir {workdir} is a file, not a folder")
+    if cfg.task == "vae":
+        return train(cfg, workdir, vae_task(cfg))
+    vae_dir = ensure_vae(cfg, workdir)
+    stats = vae_latent_stats(cfg, vae_dir)
+    return train(cfg, workdir, dit_task(cfg, load_vae_params(cfg, vae_dir), stats))
+
+
+# -------------------------------------------------------------------------------------------- CLI
+
+
+def describe(cfg, *, compile_step: bool) -> dict:
+    """Param count, FLOPs per token, batch and mesh of the step, from shapes alone (nothing allocated);
+    with `compile_step` also XLA's compiled memory use."""
+    config_lib.validate(cfg)
+    task = dit_task(cfg) if cfg.task == "dit" else vae_task(cfg)
+    mesh = sharding.make_mesh(cfg.mesh)
+    tx, schedule = make_optimizer(cfg, task.learning_rate, task.total_steps)
+    _, state_shardings, abstract = create_state(cfg, task, mesh)
+    if cfg.task == "dit":
+        batch = jax.eval_shape(lambda: _abstract_dit_batch(cfg, cfg.batch_size))
+        tokens = cfg.batch_size * cfg.seq_len
+    else:
+        batch = {"video": jax.ShapeDtypeStruct((cfg.vae.batch_size, *cfg.vae.crop, 3), jnp.float32)}
+        tokens = int(np.prod(batch["video"].shape[:-1]))
+    batch_shardings = {k: jax.sharding.NamedSharding(mesh, task.batch_specs[k]) for k in batch}
+    step_fn = jax.jit(make_train_step(task.loss_fn, tx, schedule, cfg.ema_decay),
+                      in_shardings=(state_shardings, batch_shardings, sharding.replicated(mesh)),
+                      out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=0)
+    with sharding.rules_context(mesh):
+        lowered = step_fn.lower(abstract, batch, jax.ShapeDtypeStruct((2,), jnp.uint32))
+    info = {"task": cfg.task, "params": _param_count(abstract), "mesh": dict(mesh.shape),
+            "batch": {k: list(v.shape) for k, v in batch.items()}, "tokens_per_step": tokens}
+    if cfg.task == "dit":
+        info.update(flops.dit_train_flops(cfg, abstract.params))
+    else:  # no scanned stack: XLA's own count is whole
+        info["flops_per_step"] = float((lowered.cost_analysis() or {}).get("flops", float("nan")))
+        info["flops_per_token"] = info["flops_per_step"] / tokens
+    if compile_step:
+        memory = lowered.compile().memory_analysis()
+        if memory is not None:
+            info["memory_bytes"] = {k: int(getattr(memory, k)) for k in (
+                "argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes",
+                "generated_code_size_in_bytes") if hasattr(memory, k)}
+    return info
+
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "a config file with get_config()", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "where checkpoints, metrics and the config go; a rerun resumes")
+_DRY_RUN = flags.DEFINE_bool("dry_run", False, "print param count, FLOPs per token, batch and mesh; allocate nothing")
+_COMPILE_ONLY = flags.DEFINE_bool("compile_only", False, "lower and compile the train step and print its memory use")
+
+
+def main(argv):
+    del argv
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs every save step at INFO
+    # Each clip shape compiles its own VAE encode; a persistent cache makes reruns start at once.
+    jax.config.update("jax_compilation_cache_dir", os.path.expanduser("~/.cache/soraax/jax"))
+    cfg = _CONFIG.value
+    if cfg is None:
+        raise app.UsageError("--config is required, e.g. --config configs/tiny.py")
+    try:
+        if _DRY_RUN.value or _COMPILE_ONLY.value:
+            print(json.dumps(describe(cfg, compile_step=_COMPILE_ONLY.value), indent=2))
+            return
+        if not _WORKDIR.value:
+            raise app.UsageError("--workdir is required to train, e.g. --workdir runs/tiny")
+        run(cfg, _WORKDIR.value)
+    except (config_lib.ConfigError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,22 @@
+"""Shared test configs: the tiny config shrunk until a train step takes well under a second on CPU."""
+import os
+
+from soraax import config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(ROOT, "configs", "tiny.py")
+
+MICRO = {
+    "batch_size": 2, "seq_len": 64, "text_len": 160, "max_segments": 4, "total_steps": 4, "warmup_steps": 1,
+    "log_every": 1, "checkpoint_every": 2, "keep_checkpoints": 3,
+    "model.width": 32, "model.depth": 1, "model.heads": 2, "model.text_width": 32, "model.text_depth": 1,
+    "model.text_heads": 2,
+    "vae.widths": (4, 8, 8), "vae.norm_groups": 4, "vae.train_steps": 2, "vae.batch_size": 2,
+    "vae.crop": (5, 16, 16),
+    "data.token_budget": 32, "data.max_frames": 9, "data.packing_bins": 4, "data.num_examples": 2000,
+}
+
+
+def micro_config(**overrides):
+    merged = {**MICRO, **{k.replace("__", "."): v for k, v in overrides.items()}}
+    return config.load(TINY, merged)
