@@ -1,0 +1,349 @@
+"""Sampling a trained run: prompts -> packed noise on the patch grid -> guided flow ODE -> VAE -> uint8 clips.
+
+Generation packs the way training does: several clips share a row of `seq_len` tokens, their captions share
+a row of `text_len` text tokens, and segment ids keep them apart, so each clip gets what it would get alone
+(DESIGN.md: packing is exact). Each clip's noise comes from its own key, so a clip does not depend on which
+row, neighbours or batch it lands in: `generate(prompts, seed=s)[i]` is a function of (s, i, prompt i).
+
+Classifier-free guidance runs the conditional and the unconditional (empty caption) passes as ONE DiT call
+on the rows stacked twice, and the whole Euler loop is one jitted program per (rows, steps) shape. Each
+clip follows the time grid it was trained on: its timesteps are shifted by its own token count.
+
+`sample_latents` works on `Clip`s at the latent level, and a clip may carry clean tokens held fixed under a
+`cond_mask` (at t = 0, as in training): the mechanism image->video, extension and connecting clips use.
+
+Dimension key: R packed rows, S tokens a row (seq_len), L text tokens a row (text_len), P patch dim,
+N tokens of one clip, T/H/W pixel frames/height/width, t/h/w latent frames/height/width, C latent channels.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from tqdm import tqdm
+
+from soraax import checkpoints, diffusion, patches, sharding, train
+from soraax.models import Models, build
+from soraax.vae import VideoVAE
+
+# (width, height) of the default frame, the landscape shape most of the synthetic data has.
+DEFAULT_ASPECT = (3, 2)
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """A trained DiT run ready to sample: its config, modules, params ({"dit", "text"}) and VAE params."""
+    workdir: str
+    cfg: ml_collections.ConfigDict
+    models: Models
+    params: Any
+    vae_params: Any
+    step: int
+    ema: bool  # whether `params` are the EMA params
+
+
+@dataclasses.dataclass(frozen=True)
+class Clip:
+    """One clip to sample, at the latent level.
+
+    grid: patches along (t, h, w); key: the clip's own noise key. `clean_tokens` [N, P] with `cond_mask` [N]
+    (both or neither) hold the masked tokens at those clean values, shown to the DiT at t = 0.
+    """
+    prompt: str
+    grid: tuple[int, int, int]
+    key: jax.Array
+    clean_tokens: np.ndarray | None = None
+    cond_mask: np.ndarray | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return math.prod(self.grid)
+
+
+# ------------------------------------------------------------------------------------------- sizes
+
+
+def _frame_step(cfg) -> tuple[int, int]:
+    """(fewest valid frames, spacing of valid frame counts): latent frames must fill whole time patches."""
+    pt, ft = int(cfg.model.patch_size[0]), int(cfg.vae.temporal_factor)
+    return 1 + ft * (pt - 1), ft * pt
+
+
+def pixel_units(cfg) -> tuple[int, int]:
+    """Pixels per patch along height and width."""
+    _, ph, pw = (int(p) for p in cfg.model.patch_size)
+    return int(cfg.vae.spatial_factor) * ph, int(cfg.vae.spatial_factor) * pw
+
+
+def _check_frames(cfg, frames: int) -> int:
+    """Time patches of a clip of `frames` frames; ValueError naming --frames and the nearest valid counts."""
+    first, step = _frame_step(cfg)
+    if frames < first or (frames - first) % step:
+        below = first + step * ((frames - first) // step)
+        options = [first] if frames < first else [below, below + step]
+        raise ValueError(f"--frames {frames} is not a valid clip length: frames must be {first} + {step}*n "
+                         f"(vae.temporal_factor={cfg.vae.temporal_factor}, time patch "
+                         f"{cfg.model.patch_size[0]}); nearest valid: {' or '.join(map(str, options))}")
+    return (frames - first) // step + 1
+
+
+def check_size(cfg, *, frames: int, height: int, width: int) -> tuple[int, int, int]:
+    """The patch grid (t, h, w) of a frames x height x width clip; a ValueError naming the flag otherwise."""
+    nt = _check_frames(cfg, frames)
+    grid = [nt]
+    for flag, value, unit in zip(("--height", "--width"), (height, width), pixel_units(cfg)):
+        if value < unit or value % unit:
+            below = unit * (value // unit)
+            options = [v for v in (below, below + unit) if v > 0]
+            raise ValueError(f"{flag} {value} must be a positive multiple of {unit} (vae.spatial_factor="
+                             f"{cfg.vae.spatial_factor} x patch {unit // cfg.vae.spatial_factor}); "
+                             f"nearest valid: {' or '.join(map(str, options))}")
+        grid.append(value // unit)
+    tokens = math.prod(grid)
+    if tokens > cfg.seq_len:
+        fit = default_size(cfg, frames, budget=cfg.seq_len)
+        raise ValueError(f"--frames {frames} --height {height} --width {width} is {tokens} tokens "
+                         f"({'x'.join(map(str, grid))} patches), more than a packed row holds "
+                         f"(seq_len={cfg.seq_len}); at {frames} frames e.g. --height {fit[0]} --width {fit[1]} fits")
+    return tuple(grid)
+
+
+def default_size(cfg, frames: int, aspect: tuple[int, int] = DEFAULT_ASPECT,
+                 budget: int | None = None) -> tuple[int, int]:
+    """(height, width) of the largest frame near `aspect` (width, height) whose clip of `frames` frames fits
+    `budget` tokens (default: data.token_budget, the size training clips were cut to)."""
+    budget = int(cfg.data.token_budget if budget is None else budget)
+    per_frame = budget // _check_frames(cfg, frames)
+    if per_frame < 1:
+        raise ValueError(f"--frames {frames} needs more than {budget} tokens even at one patch a frame; "
+                         f"use fewer frames")
+    aw, ah = aspect
+    ratio = max(aw, ah) / min(aw, ah)
+    short, long = 1, 1
+    for side in range(1, per_frame + 1):  # the short side grows; the long side follows the aspect
+        other = max(side, round(side * ratio))
+        if short * long < side * other <= per_frame:
+            short, long = side, other
+    gh, gw = (short, long) if aw >= ah else (long, short)
+    unit_h, unit_w = pixel_units(cfg)
+    return gh * unit_h, gw * unit_w
+
+
+# --------------------------------------------------------------------------------------------- runs
+
+
+def _single_host_config(cfg) -> ml_collections.ConfigDict:
+    # Sampling runs where it is asked to, not on the training mesh: params replicated over local devices.
+    cfg = ml_collections.ConfigDict(cfg.to_dict())
+    cfg.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, context=1, tensor=1))
+    return cfg
+
+
+def load_run(workdir: str, use_ema: bool = True, step: int | None = None) -> Run:
+    """The DiT run in `workdir` at `step` (default: latest), EMA params unless `use_ema=False`.
+
+    The VAE is `cfg.vae.checkpoint` or WORKDIR/vae, always its EMA params and cached latent statistics: the
+    VAE that encoded the training latents.
+    """
+    cfg = checkpoints.read_config(workdir)
+    if cfg.task != "dit":
+        raise ValueError(f"{workdir} is a {cfg.task!r} run; sampling needs a DiT run (task 'dit')")
+    checkpoint_dir = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(checkpoint_dir):
+        raise FileNotFoundError(f"{workdir} has no checkpoints yet ({checkpoint_dir} does not exist): "
+                                f"train it with python -m soraax.train --config ... --workdir {workdir}")
+    cfg = _single_host_config(cfg)
+    mngr = checkpoints.manager(workdir, keep=cfg.keep_checkpoints, every=cfg.checkpoint_every)
+    try:
+        steps = mngr.all_steps()
+        if not steps:
+            raise FileNotFoundError(f"{workdir} has no complete checkpoint in {checkpoint_dir}")
+        step = max(steps) if step is None else step
+        if step not in steps:
+            raise FileNotFoundError(f"{workdir} has no checkpoint at step {step}; it has steps {sorted(steps)}")
+        mesh = sharding.make_mesh(cfg.mesh)
+        _, _, abstract = train.create_state(cfg, train.dit_task(cfg), mesh)
+        state = checkpoints.restore(mngr, abstract, step=step)
+    finally:
+        mngr.close()
+    vae_dir = cfg.vae.checkpoint or os.path.join(workdir, "vae")
+    vae_params = train.load_vae_params(cfg, vae_dir)
+    latent_mean, latent_std = train.vae_latent_stats(cfg, vae_dir)
+    return Run(workdir=workdir, cfg=cfg, models=build(cfg, latent_mean, latent_std),
+               params=state.ema_params if use_ema else state.params, vae_params=vae_params, step=int(step),
+               ema=use_ema)
+
+
+# ---------------------------------------------------------------------------------------- packing
+
+
+def clip_key(seed: int, index: int) -> jax.Array:
+    """The noise key of clip `index` of a call with `seed`."""
+    return jax.random.fold_in(jax.random.PRNGKey(seed), index)
+
+
+def make_clip(run: Run, prompt: str, *, frames: int, height: int, width: int, key: jax.Array) -> Clip:
+    return Clip(prompt, check_size(run.cfg, frames=frames, height=height, width=width), key)
+
+
+def pack_rows(token_counts: Sequence[int], text_counts: Sequence[int], *, seq_len: int, text_len: int,
+              max_segments: int) -> list[list[int]]:
+    """Clip indices per row, first-fit decreasing: a clip joins the first row with room for its tokens,
+    its caption and one more segment."""
+    rows, room = [], []  # room: [video tokens, text tokens, segments] left in each row
+    for i in sorted(range(len(token_counts)), key=lambda i: -token_counts[i]):
+        n, m = token_counts[i], text_counts[i]
+        if n > seq_len or m > text_len:
+            raise ValueError(f"clip {i} has {n} tokens and {m} text tokens; a row holds {seq_len} and {text_len}")
+        for row, left in zip(rows, room):
+            if left[0] >= n and left[1] >= m and left[2] >= 1:
+                row.append(i)
+                left[:] = [left[0] - n, left[1] - m, left[2] - 1]
+                break
+        else:
+            rows.append([i])
+            room.append([seq_len - n, text_len - m, max_segments - 1])
+    return rows
+
+
+def _check_conditioning(index: int, clip: Clip, patch_dim: int):
+    if (clip.clean_tokens is None) != (clip.cond_mask is None):
+        raise ValueError(f"clip {index}: clean_tokens and cond_mask come together; pass both or neither")
+    if clip.cond_mask is not None and (np.shape(clip.clean_tokens) != (clip.num_tokens, patch_dim)
+                                       or np.shape(clip.cond_mask) != (clip.num_tokens,)):
+        raise ValueError(f"clip {index} with grid {clip.grid}: clean_tokens must be [{clip.num_tokens}, "
+                         f"{patch_dim}] and cond_mask [{clip.num_tokens}]; got {np.shape(clip.clean_tokens)} "
+                         f"and {np.shape(clip.cond_mask)}")
+
+
+def _packed_rows(run: Run, clips: Sequence[Clip], rows: Sequence[Sequence[int]], num_rows: int):
+    """numpy arrays of `num_rows` packed rows (the ones past `rows` all padding), and each clip's
+    (row, first token)."""
+    cfg, tokenizer = run.cfg, run.models.tokenizer
+    s, l, p = cfg.seq_len, cfg.text_len, run.models.dit.patch_dim
+    batch = {"noise": np.zeros((num_rows, s, p), np.float32), "coords": np.zeros((num_rows, s, 3), np.int32),
+             "segment_ids": np.zeros((num_rows, s), np.int32),
+             "clean_tokens": np.zeros((num_rows, s, p), np.float32), "cond_mask": np.zeros((num_rows, s), bool),
+             "text_tokens": np.zeros((num_rows, l), np.int32), "text_segment_ids": np.zeros((num_rows, l), np.int32),
+             "uncond_tokens": np.zeros((num_rows, l), np.int32),
+             "uncond_segment_ids": np.zeros((num_rows, l), np.int32)}
+    empty = tokenizer.encode("", l)
+    places = {}
+    for r, members in enumerate(rows):
+        start = text_start = 0
+        for segment, i in enumerate(members, start=1):
+            clip, n = clips[i], clips[i].num_tokens
+            places[i] = (r, start)
+            video = slice(start, start + n)
+            batch["noise"][r, video] = np.asarray(jax.random.normal(clip.key, (n, p), jnp.float32))
+            batch["coords"][r, video] = patches.grid_coords(clip.grid)
+            batch["segment_ids"][r, video] = segment
+            if clip.cond_mask is not None:
+                batch["clean_tokens"][r, video] = clip.clean_tokens
+                batch["cond_mask"][r, video] = clip.cond_mask
+            caption = tokenizer.encode(clip.prompt, l)
+            batch["text_tokens"][r, text_start:text_start + len(caption)] = caption
+            batch["text_segment_ids"][r, text_start:text_start + len(caption)] = segment
+            # Every caption holds at least BOS and EOS, so the empty ones fit wherever the captions did.
+            batch["uncond_tokens"][r, 2 * (segment - 1):2 * segment] = empty
+            batch["uncond_segment_ids"][r, 2 * (segment - 1):2 * segment] = segment
+            start += n
+            text_start += len(caption)
+    return batch, places
+
+
+# --------------------------------------------------------------------------------------- sampling
+
+
+@functools.partial(jax.jit, static_argnames=("dit", "text_encoder", "steps", "max_segments", "base_tokens",
+                                             "guided"))
+def _sample_rows(params, rows, guidance, *, dit, text_encoder, steps: int, max_segments: int,
+                 base_tokens: float, guided: bool):
+    """Packed rows of noise -> clean latent tokens [R, S, P] by `steps` Euler steps of the guided flow."""
+    def encode_text(tokens_RxL, segment_ids_RxL):
+        return text_encoder.apply({"params": params["text"]}, tokens_RxL, segment_ids_RxL)
+
+    video = (rows["coords"], rows["segment_ids"])
+    cond = (encode_text(rows["text_tokens"], rows["text_segment_ids"]), rows["text_segment_ids"], *video)
+
+    def model_fn(x_RxSxP, t_RxS, conditioning):
+        text_states, text_segment_ids, coords, segment_ids = conditioning
+        return dit.apply({"params": params["dit"]}, x_RxSxP, coords, segment_ids, t_RxS, text_states,
+                         text_segment_ids)
+
+    if guided:
+        uncond = (encode_text(rows["uncond_tokens"], rows["uncond_segment_ids"]), rows["uncond_segment_ids"],
+                  *video)
+        velocity = diffusion.guided_velocity_fn(model_fn, cond, uncond, guidance)
+    else:  # guidance 1 is the conditional model alone: half the compute, and exactly it
+        velocity = functools.partial(model_fn, conditioning=cond)
+    shift_RxS = diffusion.token_shift(rows["segment_ids"], max_segments=max_segments, base_tokens=base_tokens)
+    return diffusion.sample_flow(velocity, rows["noise"], num_steps=steps, method="euler", shift=shift_RxS,
+                                 x_cond=rows["clean_tokens"], cond_mask=rows["cond_mask"])
+
+
+def sample_latents(run: Run, clips: Sequence[Clip], *, steps: int, guidance: float,
+                   progress: bool = False) -> list[np.ndarray]:
+    """Samples every clip, packed into rows; returns each clip's latent [t, h, w, C] in input order.
+
+    Rows go to the DiT `batch_size` at a time (a partial last batch is padded with empty rows, so every
+    call has one shape and compiles once).
+    """
+    cfg, models = run.cfg, run.models
+    if steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {steps}")
+    if not clips:
+        return []
+    for i, clip in enumerate(clips):
+        _check_conditioning(i, clip, models.dit.patch_dim)
+    text_counts = [len(models.tokenizer.encode(c.prompt, cfg.text_len)) for c in clips]
+    rows = pack_rows([c.num_tokens for c in clips], text_counts, seq_len=cfg.seq_len, text_len=cfg.text_len,
+                     max_segments=cfg.max_segments)
+    rows_per_call = min(len(rows), int(cfg.batch_size))
+    latents: list[np.ndarray | None] = [None] * len(clips)
+    calls = range(0, len(rows), rows_per_call)
+    for first in tqdm(calls, desc="sampling", unit="batch", disable=not progress or len(calls) < 2):
+        chunk = rows[first:first + rows_per_call]
+        batch, places = _packed_rows(run, clips, chunk, rows_per_call)
+        x_RxSxP = np.asarray(_sample_rows(
+            run.params, batch, jnp.float32(guidance), dit=models.dit, text_encoder=models.text_encoder,
+            steps=int(steps), max_segments=int(cfg.max_segments), base_tokens=float(cfg.diffusion.base_tokens),
+            guided=float(guidance) != 1.0))
+        for i, (r, start) in places.items():
+            tokens_NxP = x_RxSxP[r, start:start + clips[i].num_tokens]
+            latents[i] = patches.unpatchify(tokens_NxP, clips[i].grid, models.patch_size)
+    return latents
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _decode_uint8(vae: VideoVAE, vae_params, z_1xtxhxwxC):
+    video = vae.apply({"params": vae_params}, z_1xtxhxwxC, method=VideoVAE.decode)[0]
+    return jnp.round((jnp.clip(video, -1.0, 1.0) + 1.0) * 127.5).astype(jnp.uint8)
+
+
+def decode(run: Run, latents: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """Latents [t, h, w, C] -> uint8 clips [T, H, W, 3], one at a time (one compile per clip shape)."""
+    return [np.asarray(_decode_uint8(run.models.vae, run.vae_params, jnp.asarray(z)[None])) for z in latents]
+
+
+def generate(run: Run, prompts: Sequence[str], *, frames: int, height: int, width: int, steps: int,
+             guidance: float, seed: int, progress: bool = False) -> np.ndarray:
+    """uint8 [N, T, H, W, 3]: one clip per prompt (frames = 1 is an image), clip i from noise key (seed, i).
+
+    Sizes are checked before anything runs: H and W multiples of vae.spatial_factor x patch, frames
+    1 + vae.temporal_factor*n, and a clip no longer than a packed row.
+    """
+    grid = check_size(run.cfg, frames=frames, height=height, width=width)
+    if not prompts:
+        raise ValueError("generate needs at least one prompt")
+    clips = [Clip(prompt, grid, clip_key(seed, i)) for i, prompt in enumerate(prompts)]
+    latents = sample_latents(run, clips, steps=steps, guidance=guidance, progress=progress)
+    return np.stack(decode(run, latents))
