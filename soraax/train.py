@@ -197,6 +197,19 @@ def create_state(cfg, task: Task, mesh):
     return init, shardings, abstract
 
 
+def sharded_step(cfg, task: Task, mesh):
+    """(init, step, abstract state): the init and the train step jitted once with explicit shardings on
+    `mesh` (state sharded by the logical rules, batch by `task.batch_specs`), the state donated."""
+    tx, schedule = make_optimizer(cfg, task.learning_rate, task.total_steps)
+    init, state_shardings, abstract = create_state(cfg, task, mesh)
+    batch_shardings = {k: jax.sharding.NamedSharding(mesh, s) for k, s in task.batch_specs.items()}
+    replicated = sharding.replicated(mesh)
+    step = jax.jit(make_train_step(task.loss_fn, tx, schedule, cfg.ema_decay),
+                   in_shardings=(state_shardings, batch_shardings, replicated),
+                   out_shardings=(state_shardings, replicated), donate_argnums=0)
+    return init, step, abstract
+
+
 def _param_count(abstract_state) -> int:
     return sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(abstract_state.params))
 
@@ -227,13 +240,7 @@ def train(cfg, workdir: str, task: Task, *, show_progress: bool = True, stop_at:
     os.makedirs(workdir, exist_ok=True)
     checkpoints.write_config(workdir, cfg)
     mesh = sharding.make_mesh(cfg.mesh)
-    tx, schedule = make_optimizer(cfg, task.learning_rate, task.total_steps)
-    init, state_shardings, abstract = create_state(cfg, task, mesh)
-    batch_shardings = {k: jax.sharding.NamedSharding(mesh, s) for k, s in task.batch_specs.items()}
-    replicated = sharding.replicated(mesh)
-    step_fn = jax.jit(make_train_step(task.loss_fn, tx, schedule, cfg.ema_decay),
-                      in_shardings=(state_shardings, batch_shardings, replicated),
-                      out_shardings=(state_shardings, replicated), donate_argnums=0)
+    init, step_fn, abstract = sharded_step(cfg, task, mesh)
 
     data = iter(task.batches(jax.process_index(), jax.process_count()))
     mngr = checkpoints.manager(workdir, keep=cfg.keep_checkpoints, every=cfg.checkpoint_every)
@@ -353,18 +360,13 @@ def describe(cfg, *, compile_step: bool) -> dict:
     config_lib.validate(cfg)
     task = dit_task(cfg) if cfg.task == "dit" else vae_task(cfg)
     mesh = sharding.make_mesh(cfg.mesh)
-    tx, schedule = make_optimizer(cfg, task.learning_rate, task.total_steps)
-    _, state_shardings, abstract = create_state(cfg, task, mesh)
+    _, step_fn, abstract = sharded_step(cfg, task, mesh)
     if cfg.task == "dit":
         batch = jax.eval_shape(lambda: _abstract_dit_batch(cfg, cfg.batch_size))
         tokens = cfg.batch_size * cfg.seq_len
     else:
         batch = {"video": jax.ShapeDtypeStruct((cfg.vae.batch_size, *cfg.vae.crop, 3), jnp.float32)}
         tokens = int(np.prod(batch["video"].shape[:-1]))
-    batch_shardings = {k: jax.sharding.NamedSharding(mesh, task.batch_specs[k]) for k in batch}
-    step_fn = jax.jit(make_train_step(task.loss_fn, tx, schedule, cfg.ema_decay),
-                      in_shardings=(state_shardings, batch_shardings, sharding.replicated(mesh)),
-                      out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=0)
     with sharding.rules_context(mesh):
         lowered = step_fn.lower(abstract, batch, jax.ShapeDtypeStruct((2,), jnp.uint32))
     info = {"task": cfg.task, "params": _param_count(abstract), "mesh": dict(mesh.shape),

@@ -1,0 +1,64 @@
+"""Run under 8 CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count=8) by test_sharding.py.
+
+Takes two train steps on the same batch on one device and under several meshes, and prints the largest
+differences in loss and updated params as JSON.
+"""
+import json
+import sys
+
+import jax
+import numpy as np
+
+jax.config.update("jax_default_matmul_precision", "float32")
+
+from soraax import sharding, train  # noqa: E402
+from soraax.data import pipeline  # noqa: E402
+from helpers import micro_config  # noqa: E402
+from test_pipeline import _fake_encode  # noqa: E402
+
+MESHES = {
+    "data": dict(data=8, fsdp=1, context=1, tensor=1),
+    "fsdp": dict(data=1, fsdp=8, context=1, tensor=1),
+    "tensor": dict(data=4, fsdp=1, context=1, tensor=2),
+    "context": dict(data=2, fsdp=1, context=4, tensor=1),
+    "mixed": dict(data=2, fsdp=2, context=1, tensor=2),
+}
+
+
+def one_step(cfg, task, devices, batch):
+    mesh = sharding.make_mesh(cfg.mesh, devices)
+    init, step, _ = train.sharded_step(cfg, task, mesh)
+    with sharding.rules_context(mesh):
+        state = init(jax.random.PRNGKey(0))
+        before = jax.device_get(state.params)
+        global_batch = {k: jax.device_put(v, jax.sharding.NamedSharding(mesh, task.batch_specs[k]))
+                        for k, v in batch.items()}
+        # Two steps: Adam's first update is +-lr per param (the gradient's sign); the second depends on
+        # the gradients' values.
+        state, first = step(state, global_batch, jax.random.PRNGKey(1))
+        state, metrics = step(state, global_batch, jax.random.PRNGKey(1))
+    after = jax.device_get(state.params)
+    change = max(jax.tree_util.tree_leaves(jax.tree_util.tree_map(
+        lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()), after, before)))
+    return {"loss": float(metrics["loss"]), "grad_norm": float(first["grad_norm"])}, after, change
+
+
+def main():
+    # No warmup: the first step must move the params, or equal params would prove nothing.
+    cfg = micro_config(batch_size=8, warmup_steps=0)
+    batch = next(iter(pipeline.dit_batches(cfg, _fake_encode(cfg))))
+    task = train.dit_task(cfg)
+    want, want_params, change = one_step(cfg, task, jax.devices()[:1], batch)
+    report = {}
+    for name, mesh in MESHES.items():
+        cfg.mesh.update(mesh)
+        got, params, _ = one_step(cfg, task, jax.devices(), batch)
+        diffs = jax.tree_util.tree_leaves(jax.tree_util.tree_map(
+            lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()), params, want_params))
+        report[name] = {"loss_diff": abs(got["loss"] - want["loss"]),
+                        "grad_norm_diff": abs(got["grad_norm"] - want["grad_norm"]), "max_param_diff": max(diffs)}
+    json.dump({"single_device": want, "param_change": change, "meshes": report}, sys.stdout)
+
+
+if __name__ == "__main__":
+    main()
