@@ -24,9 +24,7 @@ Dimension key:
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -98,50 +96,6 @@ def _masked_logits(q_BxHxQxD, k_BxHxKxD, mask_BxQxK):
 def _safe_max(logits_max):
     # A row with no allowed key has max -inf; subtracting 0 instead keeps exp(-inf - 0) = 0, not NaN.
     return jnp.where(jnp.isfinite(logits_max), logits_max, 0.0)
-
-
-class MultiHeadAttention(nn.Module):
-    """Projections around `attention`: self-attention when `kv_BxLxD` is the query stream, else cross.
-
-    Projections are plain Dense layers reshaped to heads (kernels named `(embed, heads)`, so tensor
-    parallelism splits whole heads): Flax's DenseGeneral re-traces its initialiser on a flattened kernel in
-    `apply`, which logical partitioning rejects under a mesh. `rotate` (e.g. RoPE) acts on q and k.
-    """
-    heads: int
-    attn_impl: str = "xla"
-    dtype: Any = jnp.float32
-    activation_axes: tuple[str, str, str] = ("batch", "length", "embed")
-
-    @nn.compact
-    def __call__(self, x_BxSxD, kv_BxLxD, q_segment_ids, kv_segment_ids,
-                 rotate: Callable[[jax.Array], jax.Array] | None = None):
-        width = x_BxSxD.shape[-1]
-        if width % self.heads:
-            raise ValueError(f"attention width {width} is not divisible by heads={self.heads}")
-        head_dim = width // self.heads
-        batch, length, _ = self.activation_axes
-
-        def project(name, x):
-            y = nn.Dense(width, dtype=self.dtype, name=name,
-                         kernel_init=nn.with_logical_partitioning(nn.initializers.xavier_uniform(),
-                                                                  ("embed", "heads")),
-                         bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("heads",)))(x)
-            return y.reshape(*y.shape[:-1], self.heads, head_dim)
-
-        q_BxSxHxK = project("query", x_BxSxD)
-        k_BxLxHxK = project("key", kv_BxLxD)
-        v_BxLxHxK = project("value", kv_BxLxD)
-        if rotate is not None:
-            q_BxSxHxK, k_BxLxHxK = rotate(q_BxSxHxK), rotate(k_BxLxHxK)
-        q_BxSxHxK = nn.with_logical_constraint(q_BxSxHxK, (batch, length, "heads", "kv"))
-        out_BxSxHxK = attention(q_BxSxHxK, k_BxLxHxK, v_BxLxHxK, q_segment_ids, kv_segment_ids,
-                                impl=self.attn_impl)
-        out_BxSxD = nn.Dense(width, dtype=self.dtype, name="out",
-                             kernel_init=nn.with_logical_partitioning(nn.initializers.xavier_uniform(),
-                                                                      ("heads", "embed")),
-                             bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)))(
-            out_BxSxHxK.reshape(*out_BxSxHxK.shape[:-2], width))
-        return nn.with_logical_constraint(out_BxSxD, self.activation_axes)
 
 
 # ---------------------------------------------------------------------------------------------- xla

@@ -24,7 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from soraax.attention import MultiHeadAttention
+from soraax.layers import Mlp, MultiHeadAttention
 
 # Sizes of the DiT paper (Table 1); patch size and latent channels come from the config.
 DIT_S = dict(width=384, depth=12, heads=6)
@@ -107,18 +107,6 @@ class TimestepEmbedder(nn.Module):
         x = nn.silu(x)
         x = nn.Dense(self.width, dtype=self.dtype, kernel_init=_dense_init(("mlp", "embed")), name="fc2")(x)
         return nn.with_logical_constraint(x, ("batch", "length", "embed"))
-
-
-class Mlp(nn.Module):
-    hidden: int
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x_BxSxD):
-        width = x_BxSxD.shape[-1]
-        h_BxSxF = nn.Dense(self.hidden, dtype=self.dtype, kernel_init=_dense_init(("embed", "mlp")), name="fc1")(x_BxSxD)
-        h_BxSxF = nn.with_logical_constraint(nn.gelu(h_BxSxF, approximate=True), ("batch", "length", "mlp"))
-        return nn.Dense(width, dtype=self.dtype, kernel_init=_dense_init(("mlp", "embed")), name="fc2")(h_BxSxF)
 
 
 class DiTBlock(nn.Module):

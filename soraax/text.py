@@ -18,7 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from soraax.attention import IMPLS, MultiHeadAttention
+from soraax.attention import IMPLS
+from soraax.layers import Mlp, MultiHeadAttention
 from soraax.packing import positions_from_segment_ids
 
 
@@ -77,27 +78,6 @@ class ByteTokenizer:
 _ACTIVATION = ("batch", "text_length", "embed")
 
 
-def _dense_inits(kernel_axes: tuple[str, ...], bias_axes: tuple[str, ...]) -> dict[str, Any]:
-    return {"kernel_init": nn.with_logical_partitioning(nn.initializers.xavier_uniform(), kernel_axes),
-            "bias_init": nn.with_logical_partitioning(nn.initializers.zeros_init(), bias_axes)}
-
-
-class TextMlp(nn.Module):
-    """Position-wise GELU MLP of width mlp_ratio * D."""
-
-    mlp_ratio: float
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x_BxLxD):
-        width = x_BxLxD.shape[-1]
-        h_BxLxF = nn.Dense(int(width * self.mlp_ratio), dtype=self.dtype, name="up",
-                           **_dense_inits(("embed", "mlp"), ("mlp",)))(x_BxLxD)
-        h_BxLxF = nn.with_logical_constraint(nn.gelu(h_BxLxF), ("batch", "text_length", "mlp"))
-        return nn.Dense(width, dtype=self.dtype, name="down",
-                        **_dense_inits(("mlp", "embed"), ("embed",)))(h_BxLxF)
-
-
 def _layer_norm(dtype, name: str) -> nn.LayerNorm:
     return nn.LayerNorm(dtype=dtype, name=name,
                         scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)),
@@ -118,7 +98,7 @@ class TextBlock(nn.Module):
         x_BxLxD = x_BxLxD + MultiHeadAttention(self.heads, self.attn_impl, self.dtype, _ACTIVATION, name="attn")(
             h_BxLxD, h_BxLxD, segment_ids_BxL, segment_ids_BxL)
         x_BxLxD = nn.with_logical_constraint(x_BxLxD, _ACTIVATION)
-        x_BxLxD = x_BxLxD + TextMlp(self.mlp_ratio, self.dtype, name="mlp")(
+        x_BxLxD = x_BxLxD + Mlp(int(x_BxLxD.shape[-1] * self.mlp_ratio), self.dtype, _ACTIVATION, name="mlp")(
             _layer_norm(self.dtype, "mlp_norm")(x_BxLxD))
         return nn.with_logical_constraint(x_BxLxD, _ACTIVATION)
 

@@ -1,0 +1,75 @@
+"""The two sublayers every transformer here is made of, shared by the DiT and the text encoder.
+
+Kernels carry logical axis names (`embed`, `heads`, `mlp`); activations are constrained to the caller's
+`activation_axes` (video tokens are `length`, caption tokens `text_length`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from soraax.attention import attention
+
+
+def _dense(features: int, kernel_axes: tuple[str, str], bias_axis: str, dtype, name: str) -> nn.Dense:
+    return nn.Dense(features, dtype=dtype, name=name,
+                    kernel_init=nn.with_logical_partitioning(nn.initializers.xavier_uniform(), kernel_axes),
+                    bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (bias_axis,)))
+
+
+class MultiHeadAttention(nn.Module):
+    """Projections around `attention`: self-attention when `kv_BxLxD` is the query stream, else cross.
+
+    Projections are plain Dense layers reshaped to heads (kernels named `(embed, heads)`, so tensor
+    parallelism splits whole heads): Flax's DenseGeneral re-traces its initialiser on a flattened kernel in
+    `apply`, which logical partitioning rejects under a mesh. `rotate` (e.g. RoPE) acts on q and k.
+    """
+    heads: int
+    attn_impl: str = "xla"
+    dtype: Any = jnp.float32
+    activation_axes: tuple[str, str, str] = ("batch", "length", "embed")
+
+    @nn.compact
+    def __call__(self, x_BxSxD, kv_BxLxD, q_segment_ids, kv_segment_ids,
+                 rotate: Callable[[jax.Array], jax.Array] | None = None):
+        width = x_BxSxD.shape[-1]
+        if width % self.heads:
+            raise ValueError(f"attention width {width} is not divisible by heads={self.heads}")
+        head_dim = width // self.heads
+        batch, length, _ = self.activation_axes
+
+        def project(name, x):
+            y = _dense(width, ("embed", "heads"), "heads", self.dtype, name)(x)
+            return y.reshape(*y.shape[:-1], self.heads, head_dim)
+
+        q_BxSxHxK = project("query", x_BxSxD)
+        k_BxLxHxK = project("key", kv_BxLxD)
+        v_BxLxHxK = project("value", kv_BxLxD)
+        if rotate is not None:
+            q_BxSxHxK, k_BxLxHxK = rotate(q_BxSxHxK), rotate(k_BxLxHxK)
+        q_BxSxHxK = nn.with_logical_constraint(q_BxSxHxK, (batch, length, "heads", "kv"))
+        out_BxSxHxK = attention(q_BxSxHxK, k_BxLxHxK, v_BxLxHxK, q_segment_ids, kv_segment_ids,
+                                impl=self.attn_impl)
+        out_BxSxD = _dense(width, ("heads", "embed"), "embed", self.dtype, "out")(
+            out_BxSxHxK.reshape(*out_BxSxHxK.shape[:-2], width))
+        return nn.with_logical_constraint(out_BxSxD, self.activation_axes)
+
+
+
+
+class Mlp(nn.Module):
+    """Position-wise MLP: Dense to `hidden`, tanh-approximated GELU, Dense back to the input width."""
+    hidden: int
+    dtype: Any = jnp.float32
+    activation_axes: tuple[str, str, str] = ("batch", "length", "embed")
+
+    @nn.compact
+    def __call__(self, x_BxSxD):
+        batch, length, _ = self.activation_axes
+        h_BxSxF = _dense(self.hidden, ("embed", "mlp"), "mlp", self.dtype, "fc1")(x_BxSxD)
+        h_BxSxF = nn.with_logical_constraint(nn.gelu(h_BxSxF, approximate=True), (batch, length, "mlp"))
+        return _dense(x_BxSxD.shape[-1], ("mlp", "embed"), "embed", self.dtype, "fc2")(h_BxSxF)
