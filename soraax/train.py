@@ -253,7 +253,7 @@ def train(cfg, workdir: str, task: Task, *, show_progress: bool = True, stop_at:
               f"{task.total_steps} steps", flush=True)
     rng = jax.random.PRNGKey(cfg.seed + 1)
     writer = MetricsWriter(workdir, task.name)
-    records, window = [], {"real": 0, "slots": 0, "time": 0.0, "steps": 0}
+    records, window = [], {"real": 0, "slots": 0, "steps": 0}
     start = int(state.step)
     progress = tqdm(total=task.total_steps, initial=start, desc=f"train {task.name}", unit="step",
                     disable=not show_progress or jax.process_index() != 0, dynamic_ncols=True)
@@ -280,7 +280,7 @@ def train(cfg, workdir: str, task: Task, *, show_progress: bool = True, stop_at:
                 records.append(record)
                 writer.write(record)
                 progress.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['real_tokens_per_sec']:.0f}")
-                window = {"real": 0, "slots": 0, "time": 0.0, "steps": 0}
+                window = {"real": 0, "slots": 0, "steps": 0}
             if done % cfg.checkpoint_every == 0 or done == end:
                 checkpoints.save(mngr, done, state, data, force=True)
             progress.update(1)
