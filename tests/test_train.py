@@ -94,3 +94,10 @@ def test_dry_run_reports_dit_xl_without_allocating():
     info = train.describe(cfg, compile_step=False)
     assert 700e6 < info["params"] < 900e6
     assert info["flops_per_token"] > 6 * 600e6  # at least 6 N for a train step
+
+
+def test_compile_only_reports_memory_of_the_compiled_step():
+    info = train.describe(micro_config(), compile_step=True)
+    memory = info["memory_bytes"]
+    assert memory["argument_size_in_bytes"] > 0 and memory["temp_size_in_bytes"] >= 0
+    assert info["tokens_per_step"] == 2 * 64
