@@ -145,7 +145,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         json.dump(result, f, indent=2)
     summary = {**result, "prompt_following": {k: v for k, v in result["prompt_following"].items() if k != "clips"}}
     print(json.dumps(summary, indent=2))
-    print(f"wrote {out} (with what was read from each clip)")
+    print(f"wrote {out} (with what was read from each clip)", file=sys.stderr)  # stdout stays one JSON object
     return result
 
 
