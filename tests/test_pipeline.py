@@ -48,6 +48,21 @@ def test_resize_preserves_flat_colour_and_range():
     np.testing.assert_allclose(out, 200 / 255 * 2 - 1, atol=1e-5)
 
 
+def _write_manifest(folder, *, clips: int, frames: int, broken: bool = False) -> str:
+    """A manifest of small random mp4 clips (and one undecodable file if `broken`) in `folder`."""
+    rng = np.random.default_rng(clips)
+    lines = []
+    for i in range(clips):
+        write_video(folder / f"c{i}.mp4", rng.integers(0, 255, (frames, 32, 48, 3), dtype=np.uint8))
+        lines.append({"path": f"c{i}.mp4", "caption": f"clip {i}"})
+    if broken:
+        (folder / "bad.mp4").write_bytes(b"not a video at all")
+        lines.append({"path": "bad.mp4", "caption": "broken"})
+    manifest = folder / "m.jsonl"
+    manifest.write_text("\n".join(json.dumps(line) for line in lines))
+    return str(manifest)
+
+
 def _fake_encode(cfg):
     """A VAE-shaped encoder without a VAE: average-pools to the latent grid (fast, deterministic)."""
     f, s, c = cfg.vae.temporal_factor, cfg.vae.spatial_factor, cfg.vae.latent_channels
@@ -107,16 +122,8 @@ def test_hosts_read_disjoint_shards():
 
 def test_folder_source_skips_and_counts_corrupt_files(tmp_path):
     from soraax.data import folder
-    rng = np.random.default_rng(0)
-    lines = []
-    for i in range(4):
-        write_video(tmp_path / f"ok{i}.mp4", rng.integers(0, 255, (5, 32, 48, 3), dtype=np.uint8))
-        lines.append({"path": f"ok{i}.mp4", "caption": f"clip {i}"})
-    (tmp_path / "bad.mp4").write_bytes(b"not a video at all")
-    lines.append({"path": "bad.mp4", "caption": "broken"})
-    manifest = tmp_path / "m.jsonl"
-    manifest.write_text("\n".join(json.dumps(l) for l in lines))
-    cfg = micro_config(data__source="folder", data__manifest=str(manifest), max_segments=2)
+    manifest = _write_manifest(tmp_path, clips=4, frames=5, broken=True)
+    cfg = micro_config(data__source="folder", data__manifest=manifest, max_segments=2)
     before = folder.SKIPS.total
     it = iter(pipeline.dit_batches(cfg, _fake_encode(cfg)))
     batches = [next(it) for _ in range(4)]
@@ -133,14 +140,8 @@ def test_vae_batches_are_fixed_size_crops():
 
 def test_tfds_source_feeds_the_same_pipeline(tmp_path):
     from soraax.data.prepare import prepare
-    rng = np.random.default_rng(1)
-    lines = []
-    for i in range(3):
-        write_video(tmp_path / f"c{i}.mp4", rng.integers(0, 255, (9, 32, 48, 3), dtype=np.uint8))
-        lines.append({"path": f"c{i}.mp4", "caption": f"clip {i}"})
-    manifest = tmp_path / "m.jsonl"
-    manifest.write_text("\n".join(json.dumps(l) for l in lines))
-    prepared = prepare(str(manifest), str(tmp_path / "tfds"), "clips", show_progress=False)
+    manifest = _write_manifest(tmp_path, clips=3, frames=9)
+    prepared = prepare(manifest, str(tmp_path / "tfds"), "clips", show_progress=False)
     cfg = micro_config(data__source="tfds", data__tfds_dir=str(tmp_path / "tfds"), data__tfds_name="clips",
                        max_segments=2)
     batch = next(iter(pipeline.dit_batches(cfg, _fake_encode(cfg))))

