@@ -41,6 +41,7 @@ def get_config(arg=None):
     c.model.text_width = 512             # byte-level encoder; a pretrained encoder replaces it at scale
     c.model.text_depth = 4
     c.model.text_heads = 8
+    c.model.pooled_text = False          # True: the caption's mean embedding also joins adaLN (SD3)
 
     c.diffusion = ml_collections.ConfigDict()
     c.diffusion.t_mean = 0.0
@@ -58,6 +59,9 @@ def get_config(arg=None):
     c.vae.spatial_factor = 8
     c.vae.temporal_factor = 4
     c.vae.norm_groups = 32
+    c.vae.norm = "group"
+    c.vae.patch_size = 1
+    c.vae.shortcuts = False
     c.vae.train_steps = 200_000
     c.vae.learning_rate = 1e-4
     c.vae.batch_size = 32

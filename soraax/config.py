@@ -20,6 +20,7 @@ TASKS = ("dit", "vae")
 SOURCES = ("synthetic", "folder", "tfds")
 PACKERS = ("best_fit", "first_fit")
 DTYPES = ("float32", "bfloat16")
+VAE_NORMS = ("group", "rms")
 
 
 class ConfigError(ValueError):
@@ -94,6 +95,17 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     for key in ("spatial_factor", "temporal_factor"):
         f = v[key]
         _require(f >= 1 and f & (f - 1) == 0, f"vae.{key}", f"must be a power of two, got {f}")
+    patch = v.get("patch_size", 1)
+    _require(isinstance(patch, int) and patch >= 1 and patch & (patch - 1) == 0 and patch <= v.spatial_factor,
+             "vae.patch_size", f"must be a power of two <= vae.spatial_factor={v.spatial_factor}, got {patch!r}")
+    _require(v.get("norm", "group") in VAE_NORMS, "vae.norm", f"must be one of {VAE_NORMS}, got {v.get('norm')!r}")
+    _require(not v.get("shortcuts", False) or v.latent_channels >= 3, "vae.shortcuts",
+             f"the pixel shortcut needs vae.latent_channels >= 3, got {v.latent_channels}")
+    if v.get("shortcuts", False):
+        sizes = [*v.widths, v.latent_channels]
+        _require(all(a % b == 0 or b % a == 0 for a, b in zip(sizes, sizes[1:])), "vae.widths",
+                 f"with vae.shortcuts each of widths {tuple(v.widths)} and then latent_channels={v.latent_channels} "
+                 "must divide its neighbour or be a multiple of it (shortcuts average or repeat channels)")
     _require(len(v.crop) == 3, "vae.crop", f"must be (frames, height, width), got {tuple(v.crop)}")
     _require((v.crop[0] - 1) % v.temporal_factor == 0, "vae.crop",
              f"frames {v.crop[0]} must be 1 + {v.temporal_factor}*n")

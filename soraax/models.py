@@ -31,7 +31,9 @@ def build_vae(vae_cfg, latent_mean=0.0, latent_std=1.0) -> VideoVAE:
     return VideoVAE(widths=tuple(vae_cfg.widths), num_res_blocks=vae_cfg.num_res_blocks,
                     latent_channels=vae_cfg.latent_channels, spatial_factor=vae_cfg.spatial_factor,
                     temporal_factor=vae_cfg.temporal_factor, norm_groups=vae_cfg.norm_groups,
-                    latent_mean=latent_mean, latent_std=latent_std)
+                    # .get: runs written before these keys existed keep their architecture
+                    patch_size=vae_cfg.get("patch_size", 1), shortcuts=vae_cfg.get("shortcuts", False),
+                    norm=vae_cfg.get("norm", "group"), latent_mean=latent_mean, latent_std=latent_std)
 
 
 def build(cfg: ml_collections.ConfigDict, latent_mean=0.0, latent_std=1.0) -> Models:
@@ -39,7 +41,7 @@ def build(cfg: ml_collections.ConfigDict, latent_mean=0.0, latent_std=1.0) -> Mo
     dtype = jnp.dtype(m.dtype)
     patch_size = tuple(int(p) for p in m.patch_size)
     dit = DiT(patch_dim=patches.patch_dim(patch_size, cfg.vae.latent_channels), width=m.width, depth=m.depth,
-              heads=m.heads, mlp_ratio=m.mlp_ratio, attn_impl=m.attn_impl, remat_policy=m.remat_policy,
+              heads=m.heads, mlp_ratio=m.mlp_ratio, pooled_text=m.get("pooled_text", False), attn_impl=m.attn_impl, remat_policy=m.remat_policy,
               scan_layers=m.scan_layers, dtype=dtype)
     text_encoder = TextEncoder(vocab_size=ByteTokenizer.vocab_size, width=m.text_width, depth=m.text_depth,
                                heads=m.text_heads, max_len=cfg.text_len, attn_impl=m.attn_impl, dtype=dtype)

@@ -46,6 +46,8 @@ CONV_KERNEL_AXES = (None, None, None, "conv_in", "conv_out")
 
 # Clamping logvar keeps exp(logvar) finite early in training, when the encoder's outputs are still large.
 _LOGVAR_RANGE = (-30.0, 20.0)
+# With shortcuts the VAE starts as average pooling; a posterior std of e^-3 keeps that start readable.
+_SHORTCUT_LOGVAR = -6.0
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -128,6 +130,8 @@ class CausalConv3d(nn.Module):
     kernel_size: tuple[int, int, int] = (3, 3, 3)
     strides: tuple[int, int, int] = (1, 1, 1)
     dtype: Any = jnp.float32
+    kernel_init: Callable = nn.initializers.lecun_normal()
+    bias_init: Callable = nn.initializers.zeros_init()
 
     @nn.compact
     def __call__(self, x_BxTxHxWxC):
@@ -147,18 +151,33 @@ class CausalConv3d(nn.Module):
         conv = nn.Conv(
             self.features, self.kernel_size, strides=self.strides,
             padding=((0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2)), dtype=self.dtype,
-            kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), CONV_KERNEL_AXES),
-            bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("conv_out",)))
+            kernel_init=nn.with_logical_partitioning(self.kernel_init, CONV_KERNEL_AXES),
+            bias_init=nn.with_logical_partitioning(self.bias_init, ("conv_out",)))
         return _constrain(conv(x_padded))
 
 
 class FrameNorm(nn.Module):
-    """GroupNorm over each frame's (H, W, C) alone: statistics over time would break causality."""
+    """Normalisation that never pools over time: GroupNorm over each frame's (H, W, C) (`kind="group"`), or
+    RMS over the channels of each position alone (`"rms"`, as in Wan's VAE).
+
+    Group statistics over a frame subtract its mean, so on flat images (a uniform background) they wipe out
+    absolute colour, which the network must then rebuild from padding effects; per-position RMS keeps the
+    ratios between channels, i.e. colour, and learns far faster on such data.
+    """
     groups: int
     dtype: Any = jnp.float32
+    kind: str = "group"
 
     @nn.compact
     def __call__(self, x_BxTxHxWxC):
+        if self.kind == "rms":
+            scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones_init(), ("channels",)),
+                               (x_BxTxHxWxC.shape[-1],), jnp.float32)
+            x = x_BxTxHxWxC.astype(jnp.float32)
+            x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + 1e-6)
+            return (x * scale.reshape((1,) * (x.ndim - 1) + (-1,))).astype(self.dtype)
+        if self.kind != "group":
+            raise ValueError(f"VAE norm {self.kind!r} is not one of 'group', 'rms'")
         return nn.GroupNorm(
             num_groups=self.groups, reduction_axes=(-3, -2, -1), dtype=self.dtype,
             scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("channels",)),
@@ -171,12 +190,14 @@ class ResBlock(nn.Module):
     features: int
     norm_groups: int
     dtype: Any = jnp.float32
+    norm: str = "group"
 
     @nn.compact
     def __call__(self, x_BxTxHxWxC):
         h = CausalConv3d(self.features, dtype=self.dtype)(
-            nn.silu(FrameNorm(self.norm_groups, self.dtype)(x_BxTxHxWxC)))
-        h = CausalConv3d(self.features, dtype=self.dtype)(nn.silu(FrameNorm(self.norm_groups, self.dtype)(h)))
+            nn.silu(FrameNorm(self.norm_groups, self.dtype, self.norm)(x_BxTxHxWxC)))
+        h = CausalConv3d(self.features, dtype=self.dtype)(
+            nn.silu(FrameNorm(self.norm_groups, self.dtype, self.norm)(h)))
         skip = x_BxTxHxWxC
         if skip.shape[-1] != self.features:
             skip = CausalConv3d(self.features, kernel_size=(1, 1, 1), dtype=self.dtype)(skip)
@@ -191,12 +212,16 @@ class Downsample(nn.Module):
     features: int
     spatial: bool
     temporal: bool
+    shortcut: bool = False
     dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x_BxTxHxWxC):
         s, t = (2 if self.spatial else 1), (2 if self.temporal else 1)
-        return CausalConv3d(self.features, strides=(t, s, s), dtype=self.dtype)(x_BxTxHxWxC)
+        y = CausalConv3d(self.features, strides=(t, s, s), dtype=self.dtype)(x_BxTxHxWxC)
+        if self.shortcut:
+            y = y + match_channels(causal_avg_pool(x_BxTxHxWxC, self.spatial, self.temporal), self.features)
+        return y
 
 
 class Upsample(nn.Module):
@@ -209,37 +234,123 @@ class Upsample(nn.Module):
     features: int
     spatial: bool
     temporal: bool
+    shortcut: bool = False
     dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x_BxTxHxWxC):
-        x = x_BxTxHxWxC
+        x = skip = x_BxTxHxWxC
+        # Only the chunk holding frame 0 drops a sub-frame; a streamed later chunk keeps all of its own.
+        continuing = _is_streaming(self) and self.has_variable("cache", "continuing")
         if self.temporal:
             b, t, h, w, c = x.shape
             x = CausalConv3d(2 * c, dtype=self.dtype)(x)
             x = x.reshape(b, t, h, w, 2, c).transpose(0, 1, 4, 2, 3, 5).reshape(b, 2 * t, h, w, c)
-            # Only the chunk holding frame 0 drops a sub-frame; a streamed later chunk keeps all of its own.
-            continuing = _is_streaming(self) and self.has_variable("cache", "continuing")
+            skip = jnp.repeat(skip, 2, axis=1)
             if _is_streaming(self):
                 self.put_variable("cache", "continuing", jnp.ones((), jnp.bool_))
             if not continuing:
-                x = x[:, 1:]
+                x, skip = x[:, 1:], skip[:, 1:]
         if self.spatial:
             x = jnp.repeat(jnp.repeat(x, 2, axis=2), 2, axis=3)
-        return CausalConv3d(self.features, dtype=self.dtype)(x)
+            skip = jnp.repeat(jnp.repeat(skip, 2, axis=2), 2, axis=3)
+        y = CausalConv3d(self.features, dtype=self.dtype)(x)
+        if self.shortcut:
+            y = y + match_channels(skip, self.features)
+        return y
 
 
-def _stage_plan(widths: Sequence[int], spatial_factor: int, temporal_factor: int) -> list[tuple[bool, bool]]:
+def causal_avg_pool(x_BxTxHxWxC, spatial: bool, temporal: bool):
+    """The parameter-free path of a `Downsample`: 2x2 spatial means and, in time, frames `1 + 2n -> 1 + n`
+    with frame j the mean of frames 2j-1 and 2j (frame 0 of itself), so it reads no future frame."""
+    x = x_BxTxHxWxC
+    if temporal:
+        x = jnp.concatenate([x[:, :1], x], axis=1)
+        b, t, h, w, c = x.shape
+        x = x.reshape(b, t // 2, 2, h, w, c).mean(axis=2)
+    if spatial:
+        b, t, h, w, c = x.shape
+        x = x.reshape(b, t, h // 2, 2, w // 2, 2, c).mean(axis=(3, 5))
+    return x
+
+
+def pool_pixels(video_BxTxHxWx3, spatial_factor: int, temporal_factor: int):
+    """The VAE's parameter-free encoder: causal means over spatial_factor^2 pixels x temporal_factor frames,
+    [B, T, H, W, 3] -> [B, t, h, w, 3] (frame 0 alone, as for the learned path)."""
+    x = video_BxTxHxWx3
+    for _ in range(int(math.log2(spatial_factor))):
+        x = causal_avg_pool(x, spatial=True, temporal=False)
+    for _ in range(int(math.log2(temporal_factor))):
+        x = causal_avg_pool(x, spatial=False, temporal=True)
+    return x
+
+
+def unpool_pixels(z_BxtxhxwxC, spatial_factor: int, temporal_factor: int, first_chunk: bool = True):
+    """The inverse shape map of `pool_pixels` (nearest neighbour): latent frame 0 -> 1 frame, every later
+    one -> temporal_factor frames. `first_chunk=False` is for a streamed chunk that does not hold frame 0."""
+    x = jnp.repeat(jnp.repeat(z_BxtxhxwxC, spatial_factor, axis=2), spatial_factor, axis=3)
+    x = jnp.repeat(x, temporal_factor, axis=1)
+    return x[:, temporal_factor - 1:] if first_chunk else x
+
+
+def pad_channels(x_BxTxHxWxC, channels: int):
+    """Zero channels appended up to `channels` (the pixel shortcut fills the first 3 latent channels)."""
+    missing = channels - x_BxTxHxWxC.shape[-1]
+    if missing < 0:
+        raise ValueError(f"the pixel shortcut needs at least {x_BxTxHxWxC.shape[-1]} latent channels, got {channels}")
+    return jnp.pad(x_BxTxHxWxC, [(0, 0)] * (x_BxTxHxWxC.ndim - 1) + [(0, missing)])
+
+
+def match_channels(x_BxTxHxWxC, channels: int):
+    """C -> `channels` without parameters: means of groups of adjacent channels, or each channel repeated.
+    `match_channels(match_channels(x, n), C)` puts every group mean back where the group was."""
+    c = x_BxTxHxWxC.shape[-1]
+    if c == channels:
+        return x_BxTxHxWxC
+    if c % channels == 0:
+        return x_BxTxHxWxC.reshape(*x_BxTxHxWxC.shape[:-1], channels, c // channels).mean(axis=-1)
+    if channels % c == 0:
+        return jnp.repeat(x_BxTxHxWxC, channels // c, axis=-1)
+    raise ValueError(f"a shortcut cannot map {c} channels to {channels}: one must divide the other")
+
+
+def _stage_plan(widths: Sequence[int], spatial_factor: int, temporal_factor: int,
+                patch_size: int = 1) -> list[tuple[bool, bool]]:
     """(spatial, temporal) for each of the len(widths)-1 resolution changes; time is compressed at the
-    high-resolution stages first, where halving the frames saves the most compute."""
-    spatial_stages = _check_factor("spatial_factor", spatial_factor)
+    high-resolution stages first, where halving the frames saves the most compute. The input patch
+    (space-to-depth) takes `patch_size` of the spatial factor before any stage."""
+    patch_stages = _check_factor("patch_size", patch_size)
+    spatial_stages = _check_factor("spatial_factor", spatial_factor) - patch_stages
+    if spatial_stages < 0:
+        raise ValueError(f"patch_size={patch_size} is larger than spatial_factor={spatial_factor}; the patch is "
+                         "part of the spatial compression")
     temporal_stages = _check_factor("temporal_factor", temporal_factor)
     num_stages = max(spatial_stages, temporal_stages)
     if len(widths) != num_stages + 1:
         raise ValueError(
-            f"widths {tuple(widths)} has {len(widths)} levels, but spatial_factor={spatial_factor} and "
-            f"temporal_factor={temporal_factor} need {num_stages} down stages, i.e. {num_stages + 1} widths")
+            f"widths {tuple(widths)} has {len(widths)} levels, but spatial_factor={spatial_factor} (patch_size="
+            f"{patch_size}) and temporal_factor={temporal_factor} need {num_stages} down stages, i.e. "
+            f"{num_stages + 1} widths")
     return [(i < spatial_stages, i < temporal_stages) for i in range(num_stages)]
+
+
+def space_to_depth(x_BxTxHxWxC, patch: int):
+    """[B, T, H, W, C] -> [B, T, H/p, W/p, p*p*C]: each p x p pixel patch becomes one position's channels."""
+    if patch == 1:
+        return x_BxTxHxWxC
+    b, t, h, w, c = x_BxTxHxWxC.shape
+    x = x_BxTxHxWxC.reshape(b, t, h // patch, patch, w // patch, patch, c)
+    return x.transpose(0, 1, 2, 4, 3, 5, 6).reshape(b, t, h // patch, w // patch, patch * patch * c)
+
+
+def depth_to_space(x_BxTxhxwxPPC, patch: int):
+    """The inverse of `space_to_depth`: [B, T, h, w, p*p*C] -> [B, T, h*p, w*p, C]."""
+    if patch == 1:
+        return x_BxTxhxwxPPC
+    b, t, h, w, ppc = x_BxTxhxwxPPC.shape
+    c = ppc // (patch * patch)
+    x = x_BxTxhxwxPPC.reshape(b, t, h, w, patch, patch, c)
+    return x.transpose(0, 1, 2, 4, 3, 5, 6).reshape(b, t, h * patch, w * patch, c)
 
 
 class Encoder(nn.Module):
@@ -250,22 +361,34 @@ class Encoder(nn.Module):
     spatial_factor: int
     temporal_factor: int
     norm_groups: int
+    patch_size: int = 1
+    shortcuts: bool = False
+    norm: str = "group"
     dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, video_BxTxHxWx3):
-        plan = _stage_plan(self.widths, self.spatial_factor, self.temporal_factor)
-        x = CausalConv3d(self.widths[0], dtype=self.dtype)(_constrain(video_BxTxHxWx3.astype(self.dtype)))
+        plan = _stage_plan(self.widths, self.spatial_factor, self.temporal_factor, self.patch_size)
+        x = space_to_depth(_constrain(video_BxTxHxWx3.astype(self.dtype)), self.patch_size)
+        x = CausalConv3d(self.widths[0], dtype=self.dtype)(x)
         for level, width in enumerate(self.widths):
             for _ in range(self.num_res_blocks):
-                x = ResBlock(width, self.norm_groups, self.dtype)(x)
+                x = ResBlock(width, self.norm_groups, self.dtype, self.norm)(x)
             if level < len(plan):
                 spatial, temporal = plan[level]
-                x = Downsample(width, spatial, temporal, self.dtype)(x)
-        x = ResBlock(self.widths[-1], self.norm_groups, self.dtype)(x)
-        x = nn.silu(FrameNorm(self.norm_groups, self.dtype)(x))
-        moments = CausalConv3d(2 * self.latent_channels, dtype=self.dtype)(x).astype(jnp.float32)
+                x = Downsample(width, spatial, temporal, self.shortcuts, self.dtype)(x)
+        x = ResBlock(self.widths[-1], self.norm_groups, self.dtype, self.norm)(x)
+        h = nn.silu(FrameNorm(self.norm_groups, self.dtype, self.norm)(x))
+        head = {}
+        if self.shortcuts:  # start as the average-pool autoencoder, with a small posterior noise
+            head = dict(kernel_init=nn.initializers.zeros_init(),
+                        bias_init=lambda key, shape, dtype=jnp.float32: jnp.concatenate(
+                            [jnp.zeros((shape[0] // 2,), dtype), jnp.full((shape[0] // 2,), _SHORTCUT_LOGVAR, dtype)]))
+        moments = CausalConv3d(2 * self.latent_channels, dtype=self.dtype, **head)(h).astype(jnp.float32)
         mean, logvar = jnp.split(moments, 2, axis=-1)
+        if self.shortcuts:
+            pooled = pool_pixels(video_BxTxHxWx3.astype(jnp.float32), self.spatial_factor, self.temporal_factor)
+            mean = mean + pad_channels(pooled, self.latent_channels)
         return mean, jnp.clip(logvar, *_LOGVAR_RANGE)
 
 
@@ -276,21 +399,37 @@ class Decoder(nn.Module):
     spatial_factor: int
     temporal_factor: int
     norm_groups: int
+    patch_size: int = 1
+    shortcuts: bool = False
+    norm: str = "group"
     dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, z_BxtxhxwxC):
-        plan = _stage_plan(self.widths, self.spatial_factor, self.temporal_factor)
-        x = CausalConv3d(self.widths[-1], dtype=self.dtype)(_constrain(z_BxtxhxwxC.astype(self.dtype)))
-        x = ResBlock(self.widths[-1], self.norm_groups, self.dtype)(x)
+        plan = _stage_plan(self.widths, self.spatial_factor, self.temporal_factor, self.patch_size)
+        z = _constrain(z_BxtxhxwxC.astype(self.dtype))
+        x = CausalConv3d(self.widths[-1], dtype=self.dtype)(z)
+        if self.shortcuts:
+            x = x + match_channels(z, self.widths[-1])
+        x = ResBlock(self.widths[-1], self.norm_groups, self.dtype, self.norm)(x)
         for level in reversed(range(len(self.widths))):
             for _ in range(self.num_res_blocks):
-                x = ResBlock(self.widths[level], self.norm_groups, self.dtype)(x)
+                x = ResBlock(self.widths[level], self.norm_groups, self.dtype, self.norm)(x)
             if level > 0:
                 spatial, temporal = plan[level - 1]
-                x = Upsample(self.widths[level - 1], spatial, temporal, self.dtype)(x)
-        x = nn.silu(FrameNorm(self.norm_groups, self.dtype)(x))
-        return CausalConv3d(3, dtype=self.dtype)(x).astype(jnp.float32)
+                x = Upsample(self.widths[level - 1], spatial, temporal, self.shortcuts, self.dtype)(x)
+        x = nn.silu(FrameNorm(self.norm_groups, self.dtype, self.norm)(x))
+        out = {"kernel_init": nn.initializers.zeros_init()} if self.shortcuts else {}
+        x = CausalConv3d(3 * self.patch_size ** 2, dtype=self.dtype, **out)(x).astype(jnp.float32)
+        video = depth_to_space(x, self.patch_size)
+        if self.shortcuts:
+            # Only the chunk holding frame 0 decodes latent frame 0 to a single frame (see Upsample).
+            continuing = _is_streaming(self) and self.has_variable("cache", "continuing")
+            if _is_streaming(self):
+                self.put_variable("cache", "continuing", jnp.ones((), jnp.bool_))
+            video = video + unpool_pixels(z_BxtxhxwxC[..., :3].astype(jnp.float32), self.spatial_factor,
+                                          self.temporal_factor, first_chunk=not continuing)
+        return video
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -311,19 +450,23 @@ class VideoVAE(nn.Module):
     spatial_factor: int = VAE_TINY["spatial_factor"]
     temporal_factor: int = VAE_TINY["temporal_factor"]
     norm_groups: int = VAE_TINY["norm_groups"]
+    patch_size: int = 1
+    shortcuts: bool = False
+    norm: str = "group"
     latent_mean: float | tuple[float, ...] = 0.0
     latent_std: float | tuple[float, ...] = 1.0
     dtype: Any = jnp.float32
 
     def setup(self):
-        _stage_plan(self.widths, self.spatial_factor, self.temporal_factor)
+        _stage_plan(self.widths, self.spatial_factor, self.temporal_factor, self.patch_size)
         bad = [w for w in self.widths if w % self.norm_groups]
         if bad:
             raise ValueError(f"norm_groups={self.norm_groups} must divide every width; widths {bad} of "
                              f"{tuple(self.widths)} are not multiples")
         common = dict(widths=tuple(self.widths), num_res_blocks=self.num_res_blocks,
                       spatial_factor=self.spatial_factor, temporal_factor=self.temporal_factor,
-                      norm_groups=self.norm_groups, dtype=self.dtype)
+                      norm_groups=self.norm_groups, patch_size=self.patch_size, shortcuts=self.shortcuts,
+                      norm=self.norm, dtype=self.dtype)
         self._shift_scale()
         self.encoder = Encoder(latent_channels=self.latent_channels, **common)
         self.decoder = Decoder(**common)

@@ -27,6 +27,10 @@ def test_every_shipped_config_loads_and_validates(path):
     ("data.source", "folder", "config.data.manifest: is required"),
     ("vae.crop", (4, 32, 32), "config.vae.crop: frames 4 must be 1 + 4*n"),
     ("task", "gan", "config.task"),
+    ("vae.norm", "batch", "config.vae.norm: must be one of ('group', 'rms')"),
+    ("vae.patch_size", 8, "config.vae.patch_size: must be a power of two <= vae.spatial_factor=4"),
+    ("vae.latent_channels", 2, "config.vae.shortcuts: the pixel shortcut needs vae.latent_channels >= 3"),
+    ("vae.widths", (8, 12, 32), "config.vae.widths: with vae.shortcuts each of widths (8, 12, 32)"),
 ])
 def test_bad_values_name_their_key(key, value, message):
     with pytest.raises(config.ConfigError, match=re.escape(message)):

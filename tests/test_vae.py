@@ -10,8 +10,9 @@ import numpy as np
 import optax
 import pytest
 
-from soraax.vae import (VAE_BIG, VAE_TINY, VideoVAE, decode_chunked, gaussian_kl, iter_decode_chunks,
-                        latent_channel_stats, latent_frames, latent_shape, pixel_frames, psnr, vae_loss)
+from soraax.vae import (VAE_BIG, VAE_TINY, FrameNorm, VideoVAE, decode_chunked, depth_to_space, gaussian_kl,
+                        iter_decode_chunks, latent_channel_stats, latent_frames, latent_shape, pixel_frames,
+                        pool_pixels, psnr, space_to_depth, unpool_pixels, vae_loss)
 
 # 4x time (as the presets) and 4x space with the fewest channels that still exercise every layer kind;
 # XLA:CPU compile time, not compute, is what these tests spend, so clips reuse a few canonical shapes.
@@ -26,11 +27,25 @@ def init_key(seed=0):
     return jax.random.key(seed, impl="unsafe_rbg")
 
 
-@pytest.fixture(scope="module")
-def small():
-    vae = VideoVAE(**SMALL)
+# The tiny default's layout: pixels folded 2x2 into channels, RMS norm, average-pool shortcuts.
+SHORTCUT = dict(SMALL, patch_size=2, norm="rms", shortcuts=True)
+
+
+def _perturb(params, scale=0.1):
+    """Shortcut VAEs start with zeroed heads (exactly average pooling); perturb so tests see every path."""
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    keys = jax.random.split(jax.random.key(7), len(leaves))
+    return jax.tree_util.tree_unflatten(
+        treedef, [leaf + scale * jax.random.normal(k, leaf.shape) for leaf, k in zip(leaves, keys)])
+
+
+@pytest.fixture(scope="module", params=["plain", "shortcut"])
+def small(request):
+    vae = VideoVAE(**(SMALL if request.param == "plain" else SHORTCUT))
     # Params do not depend on T, H or W: a one-frame input initialises a VAE for every clip shape.
     params = jax.jit(vae.init)(init_key(), jnp.zeros((1, 1, 4, 4, 3)))
+    if request.param == "shortcut":
+        params = _perturb(params)
     encode = jax.jit(lambda p, x: vae.apply(p, x, method=VideoVAE.encode))
     decode = jax.jit(lambda p, z: vae.apply(p, z, method=VideoVAE.decode))
     return vae, params, encode, decode
@@ -101,6 +116,41 @@ def test_image_is_encoded_as_the_first_frame_of_any_video_starting_with_it(small
 
 
 # ------------------------------------------------------------------------------------------ chunked decode
+
+
+def test_a_fresh_shortcut_vae_is_exactly_the_average_pool_autoencoder():
+    vae = VideoVAE(**SHORTCUT)
+    params = jax.jit(vae.init)(init_key(), jnp.zeros((1, 1, 4, 4, 3)))
+    video = random_video()
+    mean, _ = vae.apply(params, video, method=VideoVAE.encode)
+    pooled = pool_pixels(video, 4, 4)
+    np.testing.assert_allclose(mean[..., :3], pooled, atol=1e-6)
+    np.testing.assert_array_equal(mean[..., 3:], 0.0)
+    # Frame 0 is the mean of frame 0 alone; latent frame 1 of frames 1-4, causally.
+    np.testing.assert_allclose(pooled[0, 0, 0, 0], video[0, 0, :4, :4].mean(axis=(0, 1)), atol=1e-6)
+    np.testing.assert_allclose(pooled[0, 1, 0, 0], video[0, 1:5, :4, :4].mean(axis=(0, 1, 2)), atol=1e-6)
+    recon = vae.apply(params, mean, method=VideoVAE.decode)
+    np.testing.assert_allclose(recon, unpool_pixels(pooled, 4, 4), atol=1e-6)
+    assert recon.shape == video.shape
+
+
+def test_space_to_depth_round_trips():
+    x = random_video((2, 3, 8, 12, 3))
+    folded = space_to_depth(x, 4)
+    assert folded.shape == (2, 3, 2, 3, 48)
+    np.testing.assert_array_equal(folded[0, 0, 1, 2], x[0, 0, 4:8, 8:12].reshape(-1))
+    np.testing.assert_array_equal(depth_to_space(folded, 4), x)
+
+
+def test_rms_norm_keeps_flat_colours_that_group_norm_erases():
+    red, blue = (jnp.broadcast_to(jnp.asarray(c, jnp.float32), (1, 1, 4, 4, 4)) for c in
+                 ([1.0, -1.0, -1.0, 0.5], [-1.0, -1.0, 1.0, 0.5]))
+    # Groups of one channel, as a wide VAE's GroupNorm(32) has on 32 channels: every flat frame maps to the same.
+    for kind, same in (("group", True), ("rms", False)):
+        norm = FrameNorm(groups=4, kind=kind)
+        params = norm.init(init_key(), red)
+        outputs = [norm.apply(params, x) for x in (red, blue)]
+        assert np.allclose(*outputs, atol=1e-3) == same, kind
 
 
 @pytest.mark.parametrize("chunk", [1, 2, 3])
@@ -175,6 +225,9 @@ def test_bad_latent_shape_raises(small, shape):
     (dict(norm_groups=3), r"norm_groups=3 must divide every width"),
     (dict(temporal_factor=8), r"widths \(4, 4, 4\) .* need 3 down stages"),
     (dict(latent_std=(1.0, 2.0)), "latent_std must be a scalar or 4 values"),
+    (dict(patch_size=8), "patch_size=8 is larger than spatial_factor=4"),
+    (dict(norm="batch"), "VAE norm 'batch' is not one of 'group', 'rms'"),
+    (dict(shortcuts=True, latent_channels=2), "the pixel shortcut needs at least 3 latent channels"),
 ])
 def test_bad_configuration_raises(fields, message):
     vae = VideoVAE(**{**SMALL, **fields})
