@@ -8,7 +8,8 @@ What differs from an image DiT, and why:
     learned position table and any resolution, aspect ratio or duration works;
   * adaLN-Zero conditioning is PER TOKEN: each clip has its own timestep, and conditioning tokens
     (image->video, extension) have t = 0 inside the same row;
-  * text enters by cross-attention to the clip's own caption, as in PixArt-alpha.
+  * text enters by cross-attention to the clip's own caption, as in PixArt-alpha, and optionally
+    (`pooled_text`) as the caption's mean embedding added to the timestep conditioning, as in SD3.
 
 Dimension key:
   B batch rows, S packed video tokens, L packed text tokens, P patch dim (pt*ph*pw*C), D width,
@@ -109,6 +110,18 @@ class TimestepEmbedder(nn.Module):
         return nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
 
+def segment_mean(values_BxLxT, value_segment_ids_BxL, query_segment_ids_BxS):
+    """[B, S, T]: for each query token, the mean of the values of its own segment (0 where it has none).
+
+    Padding (segment 0) on either side takes part in nothing, so a packed row gives each clip exactly the
+    pooled embedding of its own caption.
+    """
+    match_BxSxL = ((query_segment_ids_BxS[:, :, None] == value_segment_ids_BxL[:, None, :])
+                   & (value_segment_ids_BxL[:, None, :] > 0)).astype(jnp.float32)
+    weights_BxSxL = match_BxSxL / jnp.maximum(match_BxSxL.sum(axis=-1, keepdims=True), 1.0)
+    return jnp.einsum("bsl,blt->bst", weights_BxSxL, values_BxLxT.astype(jnp.float32))
+
+
 class DiTBlock(nn.Module):
     """adaLN-Zero block: self-attention by segment, cross-attention to the segment's text, MLP.
 
@@ -154,6 +167,7 @@ class DiT(nn.Module):
     heads: int = 16
     mlp_ratio: float = 4.0
     cross_attn: bool = True
+    pooled_text: bool = False
     rope_theta: float = 10_000.0
     attn_impl: str = "xla"
     remat_policy: str = "none"
@@ -174,6 +188,12 @@ class DiT(nn.Module):
                            name="patch_embed")(tokens_BxSxP.astype(self.dtype))
         x_BxSxD = nn.with_logical_constraint(x_BxSxD, ("batch", "length", "embed"))
         c_BxSxD = TimestepEmbedder(self.width, dtype=self.dtype, name="t_embedder")(t_BxS)
+        if self.pooled_text:
+            # The caption's mean embedding joins the timestep in adaLN (as SD3's pooled text does): a global
+            # signal every block sees from the first step, while cross-attention learns the details.
+            pooled_BxSxT = segment_mean(text_BxLxT, text_segment_ids_BxL, segment_ids_BxS)
+            c_BxSxD = c_BxSxD + nn.Dense(self.width, dtype=self.dtype, kernel_init=_dense_init((None, "embed")),
+                                         name="pooled_text_proj")(pooled_BxSxT.astype(self.dtype))
         angles = rope_angles(coords_BxSx3, head_dim=self.width // self.heads, theta=self.rope_theta)
 
         text_BxLxD = None

@@ -60,7 +60,7 @@ def setup():
     clips = [_clip(keys[0], (3, 2, 4), 5, 0.3),   # a video
              _clip(keys[1], (1, 3, 2), 3, 0.8),   # an image: one latent frame
              _clip(keys[2], (2, 4, 1), 7, 0.05)]  # a tall, thin clip
-    model = _model()
+    model = _model(pooled_text=True)  # covers both text paths: cross-attention and pooled adaLN
     row = _row(clips, seq_len=48, text_len=20)
     params = _randomize(model.init(keys[3], **row), keys[3])
     return model, params, clips
@@ -95,10 +95,26 @@ def test_padding_and_other_clips_change_nothing(setup):
     np.testing.assert_array_equal(grad[0, 24:], 0.0)  # other clips and padding get exactly no gradient
 
 
+def test_segment_mean_pools_each_clips_own_caption_and_nothing_else():
+    values = jnp.arange(12.0).reshape(1, 6, 2)
+    value_segments = jnp.array([[1, 1, 2, 0, 3, 0]])  # caption of clip 1: rows 0-1, clip 2: row 2, padding
+    query_segments = jnp.array([[2, 1, 0, 4, 1]])     # clip 4 has no caption; 0 is padding
+    pooled = dit.segment_mean(values, value_segments, query_segments)[0]
+    np.testing.assert_allclose(pooled, [[4.0, 5.0], [1.0, 2.0], [0.0, 0.0], [0.0, 0.0], [1.0, 2.0]])
+
+
+def test_pooled_text_reaches_the_output(setup):
+    model, params, clips = setup
+    row = _row(clips[:1], 24, 5)
+    # A caption whose tokens all move by the same vector changes its mean, hence the adaLN conditioning.
+    shifted = {**row, "text_BxLxT": row["text_BxLxT"] + 1.0}
+    assert not np.allclose(model.apply(params, **row), model.apply(params, **shifted), atol=1e-4)
+
+
 def test_chunked_attention_matches_xla(setup):
     model, params, clips = setup
     row = _row(clips, 48, 20)
-    chunked = _model(attn_impl="chunked")
+    chunked = model.clone(attn_impl="chunked")
     np.testing.assert_allclose(chunked.apply(params, **row), model.apply(params, **row), atol=1e-5)
 
 
@@ -106,7 +122,7 @@ def test_remat_and_unrolled_layers_give_the_same_function(setup):
     model, params, clips = setup
     row = _row(clips, 48, 20)
     want, want_grad = jax.value_and_grad(lambda p: jnp.sum(model.apply(p, **row) ** 2))(params)
-    remat = _model(remat_policy="full")
+    remat = model.clone(remat_policy="full")
     got, got_grad = jax.value_and_grad(lambda p: jnp.sum(remat.apply(p, **row) ** 2))(params)
     np.testing.assert_allclose(got, want, rtol=1e-5)
     # Remat recomputes the forward in another order: equal up to float32 rounding at the gradient's scale
