@@ -40,6 +40,7 @@ def get_config(arg=None):
     c.model.text_width = 128             # the byte-level text encoder, trained with the DiT
     c.model.text_depth = 2
     c.model.text_heads = 4
+    c.model.pooled_text = True           # the caption's mean embedding also joins adaLN (SD3)
 
     c.diffusion = ml_collections.ConfigDict()
     c.diffusion.t_mean = 0.0             # logit-normal timestep sampling (SD3)
@@ -57,7 +58,11 @@ def get_config(arg=None):
     c.vae.spatial_factor = 4            # 4x4 pixels a latent cell: encoding is the pipeline's cost
     c.vae.temporal_factor = 4
     c.vae.norm_groups = 4
-    c.vae.train_steps = 600              # when the VAE is trained (task "vae", or as the first stage here)
+    c.vae.norm = "rms"                   # per-position RMS keeps flat colours that GroupNorm wipes out
+    c.vae.patch_size = 1                 # pixels folded into channels before the first conv
+    c.vae.shortcuts = True               # average-pool paths around every stage (DC-AE): the VAE starts as
+                                         # a 4x4x4 average pool and learns the rest in a few hundred steps
+    c.vae.train_steps = 300              # when the VAE is trained (task "vae", or as the first stage here)
     c.vae.learning_rate = 2e-3
     c.vae.batch_size = 4
     c.vae.crop = (5, 32, 32)             # (frames, height, width) of VAE training crops
