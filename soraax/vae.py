@@ -48,6 +48,7 @@ CONV_KERNEL_AXES = (None, None, None, "conv_in", "conv_out")
 _LOGVAR_RANGE = (-30.0, 20.0)
 # With shortcuts the VAE starts as average pooling; a posterior std of e^-3 keeps that start readable.
 _SHORTCUT_LOGVAR = -6.0
+_MIN_LATENT_STD = 1e-2
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -601,5 +602,7 @@ def latent_channel_stats(latents: Iterable[Any]) -> tuple[tuple[float, ...], tup
     if count == 0:
         raise ValueError("latent_channel_stats needs at least one latent")
     mean = total / count
-    std = np.sqrt(np.maximum(total_sq / count - np.square(mean), 0.0))
+    # A channel the VAE has not started to use (a shortcut VAE's learned channels begin at exactly 0) has
+    # no spread; a floor keeps it near 0 instead of dividing by 0.
+    std = np.maximum(np.sqrt(np.maximum(total_sq / count - np.square(mean), 0.0)), _MIN_LATENT_STD)
     return tuple(float(m) for m in mean), tuple(float(s) for s in std)

@@ -253,6 +253,13 @@ def test_latent_stats_make_encoded_latents_unit_variance_and_decode_undoes_them(
     np.testing.assert_allclose(redecoded, decode(params, raw_mean), atol=1e-4, rtol=1e-4)
 
 
+def test_latent_stats_floor_the_std_of_an_unused_channel():
+    latents = np.stack([np.linspace(-1.0, 1.0, 10), np.zeros(10)], axis=-1)  # channel 1 never moves
+    mean, std = latent_channel_stats([latents])
+    np.testing.assert_allclose(mean, (0.0, 0.0), atol=1e-12)
+    assert std[0] > 0.5 and std[1] == 1e-2
+
+
 def test_call_decodes_the_posterior_mean_without_a_key_and_a_sample_with_one(small):
     vae, params, encode, decode = small
     video = random_video()
