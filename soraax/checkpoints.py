@@ -17,6 +17,7 @@ import grain
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+from etils import epath
 
 CONFIG_FILE = "config.json"
 
@@ -39,8 +40,29 @@ def restore(mngr: ocp.CheckpointManager, abstract_state, data_iterator=None, ste
     step = mngr.latest_step() if step is None else step
     items = {"state": ocp.args.StandardRestore(abstract_state)}
     if data_iterator is not None:
+        check_data_hosts(mngr.directory / str(step) / "data", jax.process_count())
         items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
     return mngr.restore(step, args=ocp.args.Composite(**items))["state"]
+
+
+def check_data_hosts(data_dir, process_count: int) -> None:
+    """Raises unless the iterator states in `data_dir` were saved by `process_count` processes.
+
+    The train state restores on any mesh and device count (Orbax reshards it), but each host saves its
+    own place in its own shard of the data (`process_I-of-N.json`), and those places do not carry over to
+    another number of hosts.
+    """
+    data_dir = epath.Path(data_dir)
+    if not data_dir.is_dir():
+        return
+    saved = sorted({path.name.removesuffix(".json").rsplit("-of-", 1)[-1] for path in data_dir.iterdir()
+                    if path.name.startswith("process_") and path.name.endswith(".json")})
+    if saved and saved != [str(process_count)]:
+        hosts = " or ".join(saved)
+        raise FileNotFoundError(
+            f"{data_dir} holds the data iterators of a run of {hosts} processes and this run has "
+            f"{process_count}: the model state would restore on this mesh, but each host's place in its "
+            f"data shard cannot. Resume with {hosts} processes")
 
 
 def write_config(workdir: str, cfg: ml_collections.ConfigDict) -> None:

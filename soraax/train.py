@@ -6,7 +6,8 @@ latent patches) and `vae` (the causal video VAE, on fixed-size crops). A DiT con
 jitted step, logs and saves; everything else is a pure function of `(state, batch, rng)`.
 
 Flags: --config FILE, --workdir DIR, --config.KEY=VALUE, --dry_run (sizes and the batch/mesh it would
-use, nothing allocated), --compile_only (lower and compile the step, print its memory and FLOPs).
+use, nothing allocated), --compile_only (lower and compile the step, print its memory and FLOPs), --topology NAME (with
+--compile_only: compile for a TPU slice such as v5p-64 from a CPU machine; see soraax/topology.py).
 A rerun with the same workdir resumes from the latest checkpoint and says so.
 """
 
@@ -31,7 +32,7 @@ from absl import logging as absl_logging
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from soraax import checkpoints, config as config_lib, diffusion, flops, packing, sharding
+from soraax import checkpoints, config as config_lib, diffusion, distributed, flops, packing, sharding, topology
 from soraax.data import pipeline
 from soraax.models import Models, build, build_vae
 from soraax.text import drop_captions
@@ -142,8 +143,11 @@ def dit_task(cfg, vae_params=None, latent_stats=((0.0,), (1.0,))) -> Task:
         return {"dit": dit_vars["params"], "text": text_vars["params"]}
 
     def batches(process_index, process_count):
+        # Each host encodes its own clips in a prefetch thread, so with a VAE copy on one local device:
+        # a computation over the global mesh would have to be launched by every process in step.
+        local_params = jax.device_put(distributed.host_copy(vae_params), jax.local_devices()[0])
         encode = jax.jit(lambda p, v: models.vae.apply({"params": p}, v[None], method=VideoVAE.encode)[0][0])
-        return pipeline.dit_batches(cfg, lambda video: np.asarray(encode(vae_params, video)),
+        return pipeline.dit_batches(cfg, lambda video: np.asarray(encode(local_params, video)),
                                     process_index=process_index, process_count=process_count)
 
     video = jax.sharding.PartitionSpec(("data", "fsdp"), "context")
@@ -246,11 +250,13 @@ def train(cfg, workdir: str, task: Task, *, show_progress: bool = True, stop_at:
     mngr = checkpoints.manager(workdir, keep=cfg.keep_checkpoints, every=cfg.checkpoint_every)
     if mngr.latest_step() is not None:
         state = checkpoints.restore(mngr, abstract, data)
-        print(f"[{task.name}] resuming from step {int(state.step)} in {workdir}", flush=True)
+        message = f"[{task.name}] resuming from step {int(state.step)} in {workdir}"
     else:
         state = init(jax.random.PRNGKey(cfg.seed))
-        print(f"[{task.name}] starting: {_param_count(abstract):,} params, mesh {dict(mesh.shape)}, "
-              f"{task.total_steps} steps", flush=True)
+        message = (f"[{task.name}] starting: {_param_count(abstract):,} params, mesh {dict(mesh.shape)}, "
+                   f"{task.total_steps} steps")
+    if jax.process_index() == 0:
+        print(message, flush=True)
     rng = jax.random.PRNGKey(cfg.seed + 1)
     writer = MetricsWriter(workdir, task.name)
     records, window = [], {"real": 0, "slots": 0, "steps": 0}
@@ -263,7 +269,14 @@ def train(cfg, workdir: str, task: Task, *, show_progress: bool = True, stop_at:
         for step in range(start, end):
             host_batch = next(data)
             real, slots = task.token_counts(host_batch)
-            state, metrics = step_fn(state, _global_batch(host_batch, task.batch_specs, mesh), rng)
+            batch = _global_batch(host_batch, task.batch_specs, mesh)
+            if step == start and jax.process_count() > 1:
+                # Each host's pipeline compiles its own clip shapes, so processes reach the first step far
+                # apart, and gloo (CPU) fails a first collective whose processes arrive 30 s apart:
+                # compile (the call below reuses it), then meet.
+                step_fn.lower(state, batch, rng).compile()
+                distributed.meet(f"{task.name}: first step {step}")
+            state, metrics = step_fn(state, batch, rng)
             window["real"] += real * jax.process_count()
             window["slots"] += slots * jax.process_count()
             window["steps"] += 1
@@ -302,14 +315,16 @@ def vae_latent_stats(cfg, vae_dir: str, num_batches: int = 8):
         with open(path) as f:
             stats = json.load(f)
         return tuple(stats["mean"]), tuple(stats["std"])
-    params = load_vae_params(cfg, vae_dir)
+    # On one local device: a process that finds the file another has just written skips these encodes.
+    params = jax.device_put(distributed.host_copy(load_vae_params(cfg, vae_dir)), jax.local_devices()[0])
     vae = build_vae(cfg.vae)
     encode = jax.jit(lambda p, v: vae.apply({"params": p}, v, method=VideoVAE.encode)[0])
     data = iter(pipeline.vae_batches(cfg))
     mean, std = latent_channel_stats(np.asarray(encode(params, next(data)["video"])) for _ in range(num_batches))
     if jax.process_index() == 0:
-        with open(path, "w") as f:
+        with open(path + ".tmp", "w") as f:  # then renamed, so no process reads it half-written
             json.dump({"mean": mean, "std": std}, f)
+        os.replace(path + ".tmp", path)
     return mean, std
 
 
@@ -354,21 +369,34 @@ def run(cfg, workdir: str) -> list[dict]:
 # -------------------------------------------------------------------------------------------- CLI
 
 
+def _abstract_batch(cfg) -> dict:
+    if cfg.task == "dit":
+        return jax.eval_shape(lambda: _abstract_dit_batch(cfg, cfg.batch_size))
+    return {"video": jax.ShapeDtypeStruct((cfg.vae.batch_size, *cfg.vae.crop, 3), jnp.float32)}
+
+
+def lower_step(cfg, mesh):
+    """(lowered train step, abstract state, tokens per step): the step `train` runs, lowered for `mesh` on
+    shapes alone. The mesh's devices may be compile-only (a TPU topology, see soraax/topology.py)."""
+    task = dit_task(cfg) if cfg.task == "dit" else vae_task(cfg)
+    _, step_fn, abstract = sharded_step(cfg, task, mesh)
+    batch = _abstract_batch(cfg)
+    if cfg.task == "dit":
+        tokens = cfg.batch_size * cfg.seq_len
+    else:  # pixels: a VAE batch is dense
+        tokens = int(np.prod(batch["video"].shape[:-1]))
+    with sharding.rules_context(mesh):
+        lowered = step_fn.lower(abstract, batch, jax.ShapeDtypeStruct((2,), jnp.uint32))
+    return lowered, abstract, tokens
+
+
 def describe(cfg, *, compile_step: bool) -> dict:
     """Param count, FLOPs per token, batch and mesh of the step, from shapes alone (nothing allocated);
     with `compile_step` also XLA's compiled memory use."""
     config_lib.validate(cfg)
-    task = dit_task(cfg) if cfg.task == "dit" else vae_task(cfg)
     mesh = sharding.make_mesh(cfg.mesh)
-    _, step_fn, abstract = sharded_step(cfg, task, mesh)
-    if cfg.task == "dit":
-        batch = jax.eval_shape(lambda: _abstract_dit_batch(cfg, cfg.batch_size))
-        tokens = cfg.batch_size * cfg.seq_len
-    else:
-        batch = {"video": jax.ShapeDtypeStruct((cfg.vae.batch_size, *cfg.vae.crop, 3), jnp.float32)}
-        tokens = int(np.prod(batch["video"].shape[:-1]))
-    with sharding.rules_context(mesh):
-        lowered = step_fn.lower(abstract, batch, jax.ShapeDtypeStruct((2,), jnp.uint32))
+    lowered, abstract, tokens = lower_step(cfg, mesh)
+    batch = _abstract_batch(cfg)
     info = {"task": cfg.task, "params": _param_count(abstract), "mesh": dict(mesh.shape),
             "batch": {k: list(v.shape) for k, v in batch.items()}, "tokens_per_step": tokens}
     if cfg.task == "dit":
@@ -389,6 +417,13 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "a config file with ge
 _WORKDIR = flags.DEFINE_string("workdir", None, "where checkpoints, metrics and the config go; a rerun resumes")
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "print param count, FLOPs per token, batch and mesh; allocate nothing")
 _COMPILE_ONLY = flags.DEFINE_bool("compile_only", False, "lower and compile the train step and print its memory use")
+_TOPOLOGY = flags.DEFINE_string("topology", None, "with --compile_only: compile for this TPU slice (v5p-64, v5e-16, "
+                                "v6e-64, ...) from this CPU machine with libtpu; print per-chip memory and fit")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "multi-host: HOST:PORT of process 0 "
+                                   "(default $SORAAX_COORDINATOR_ADDRESS; see soraax/distributed.py)")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None,
+                                      "multi-host: processes in the run (default $SORAAX_NUM_PROCESSES)")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "multi-host: this process, 0..N-1 (default $SORAAX_PROCESS_ID)")
 
 
 def main(argv):
@@ -400,16 +435,41 @@ def main(argv):
     cfg = _CONFIG.value
     if cfg is None:
         raise app.UsageError("--config is required, e.g. --config configs/tiny.py")
+    describe_only = _DRY_RUN.value or _COMPILE_ONLY.value
+    if not describe_only and not _WORKDIR.value:
+        raise app.UsageError("--workdir is required to train, e.g. --workdir runs/tiny")
+    if _TOPOLOGY.value:
+        if not _COMPILE_ONLY.value:
+            raise app.UsageError("--topology compiles for a TPU slice: use it with --compile_only, e.g. "
+                                 "--compile_only --topology v5p-64")
+        # The slice's devices are compile-only and come from libtpu; the host backend must not look for a TPU.
+        if not os.environ.get("JAX_PLATFORMS"):
+            jax.config.update("jax_platforms", "cpu")
+        try:
+            print(json.dumps(topology.compile_report(cfg, _TOPOLOGY.value, lower_step), indent=2))
+        except (config_lib.ConfigError, topology.TopologyError) as error:
+            print(f"error: {error}", file=sys.stderr)
+            sys.exit(2)
+        return
     try:
-        if _DRY_RUN.value or _COMPILE_ONLY.value:
-            print(json.dumps(describe(cfg, compile_step=_COMPILE_ONLY.value), indent=2))
-            return
-        if not _WORKDIR.value:
-            raise app.UsageError("--workdir is required to train, e.g. --workdir runs/tiny")
-        run(cfg, _WORKDIR.value)
-    except (config_lib.ConfigError, FileNotFoundError) as error:
+        # Before anything touches a device: the global device list is fixed when the backend starts.
+        setup = distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    except distributed.DistributedConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    if setup.process_count > 1 and setup.process_index == 0:
+        print(f"distributed: {setup}", flush=True)
+    with distributed.fail_fast(setup):
+        try:
+            if describe_only:
+                info = describe(cfg, compile_step=_COMPILE_ONLY.value)
+                if setup.process_index == 0:
+                    print(json.dumps(info, indent=2))
+                return
+            run(cfg, _WORKDIR.value)
+        except (config_lib.ConfigError, FileNotFoundError) as error:
+            print(f"error: {error}", file=sys.stderr)
+            sys.exit(2)
 
 
 if __name__ == "__main__":
