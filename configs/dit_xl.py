@@ -27,6 +27,8 @@ def get_config(arg=None):
     c.checkpoint_every = 2_000
     c.keep_checkpoints = 3
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, context=1, tensor=1))
+    # Multi-slice: slices each axis spans over the data-center network (the sizes above are per slice).
+    c.mesh.dcn = ml_collections.ConfigDict(dict(data=1, fsdp=1, context=1, tensor=1))
 
     c.model = ml_collections.ConfigDict()
     c.model.width = 1152

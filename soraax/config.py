@@ -78,6 +78,11 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         size = cfg.mesh[axis]
         _require(isinstance(size, int) and (size >= 1 or size == -1), f"mesh.{axis}",
                  f"must be a positive int or -1 (the rest of the devices), got {size!r}")
+    if "dcn" in cfg.mesh:
+        for axis in MESH_AXES:
+            size = cfg.mesh.dcn[axis]
+            _require(isinstance(size, int) and size >= 1, f"mesh.dcn.{axis}",
+                     f"must be a positive int (slices this axis spans), got {size!r}")
     m = cfg.model
     _require(m.attn_impl in IMPLS, "model.attn_impl", f"must be one of {IMPLS}, got {m.attn_impl!r}")
     _require(m.remat_policy in REMAT_POLICIES, "model.remat_policy",

@@ -15,6 +15,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "context", "tensor")
@@ -60,10 +61,32 @@ def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, ...]:
     return tuple(sizes)
 
 
+def dcn_shape(mesh_cfg) -> tuple[int, ...]:
+    """config.mesh.dcn: how many slices (or hosts) each axis spans over the slow data-center network."""
+    dcn = mesh_cfg.get("dcn") if hasattr(mesh_cfg, "get") else None
+    sizes = tuple(int(dcn[name]) if dcn is not None else 1 for name in MESH_AXES)
+    if any(s < 1 for s in sizes):
+        raise ValueError(f"config.mesh.dcn: sizes must be >= 1, got {dict(zip(MESH_AXES, sizes))}")
+    return sizes
+
+
 def make_mesh(mesh_cfg, devices=None) -> Mesh:
+    """The device mesh of config.mesh. With `mesh.dcn` sizes above 1 it is a hybrid mesh (multi-slice):
+    axis sizes are per slice (ICI) and `dcn` multiplies them across slices, so e.g. data=-1 with
+    dcn.data=2 puts data parallelism across two slices and keeps fsdp/tensor traffic inside each."""
     devices = jax.devices() if devices is None else devices
-    shape = mesh_shape(mesh_cfg, len(devices))
-    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+    dcn = dcn_shape(mesh_cfg)
+    slices = math.prod(dcn)
+    if slices == 1:
+        return Mesh(np.asarray(devices).reshape(mesh_shape(mesh_cfg, len(devices))), MESH_AXES)
+    if len(devices) % slices:
+        raise ValueError(f"config.mesh.dcn {dict(zip(MESH_AXES, dcn))} spans {slices} slices, which do not "
+                         f"divide the {len(devices)} devices")
+    ici = mesh_shape(mesh_cfg, len(devices) // slices)
+    # Slices are TPU slices where devices say so; elsewhere (GPU clusters) each process is one.
+    by_process = not hasattr(devices[0], "slice_index")
+    return Mesh(mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, process_is_granule=by_process),
+                MESH_AXES)
 
 
 def logical_sharding(tree, mesh: Mesh, rules=LOGICAL_RULES):

@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import ml_collections
+import numpy as np
 import pytest
 
 from soraax import sharding
@@ -17,6 +19,32 @@ def test_mesh_shape_resolves_the_rest_and_refuses_impossible_sizes():
         sharding.mesh_shape(dict(data=4, fsdp=4, context=1, tensor=1), 8)
     with pytest.raises(ValueError, match="not divisible"):
         sharding.mesh_shape(dict(data=-1, fsdp=3, context=1, tensor=1), 8)
+
+
+class _SliceDevice:
+    """A stand-in for a TPU device of a multi-slice job: only what mesh building reads."""
+    platform = device_kind = "cpu"
+    process_index = 0
+
+    def __init__(self, id, slice_index):
+        self.id, self.slice_index = id, slice_index
+
+    def __repr__(self):
+        return f"dev{self.id}@slice{self.slice_index}"
+
+
+def test_hybrid_mesh_keeps_fsdp_inside_a_slice_and_spreads_data_across_slices():
+    devices = [_SliceDevice(i, i // 4) for i in range(8)]  # two slices of four chips
+    cfg = ml_collections.ConfigDict(dict(data=-1, fsdp=2, context=1, tensor=1,
+                                         dcn=dict(data=2, fsdp=1, context=1, tensor=1)))
+    mesh = sharding.make_mesh(cfg, devices)
+    assert dict(mesh.shape) == {"data": 4, "fsdp": 2, "context": 1, "tensor": 1}
+    slices = np.vectorize(lambda d: d.slice_index)(mesh.devices)[:, :, 0, 0]
+    assert all(len(set(row)) == 1 for row in slices)  # every fsdp group talks over ICI only
+    assert set(slices[:, 0]) == {0, 1}                 # data parallelism crosses the slices
+    with pytest.raises(ValueError, match="spans 3 slices, which do not divide the 8 devices"):
+        sharding.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1, context=1, tensor=1,
+                                                          dcn=dict(data=3, fsdp=1, context=1, tensor=1))), devices)
 
 
 def test_one_step_is_the_same_on_every_mesh():
