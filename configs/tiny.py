@@ -76,7 +76,8 @@ def get_config(arg=None):
     c.data.num_examples = 1_000_000      # synthetic clips per epoch
     c.data.token_budget = 128            # video tokens per clip at most; clips are resized keeping aspect
     c.data.max_frames = 17
-    c.data.detailed_caption_rate = 0.5   # share of captions in the long, prompt-expanded style
+    c.data.detailed_caption_rate = 0.0   # share of captions in the long, prompt-expanded style; the tiny
+                                         # byte encoder binds words faster on short ones (colour 46% vs 29%)
     c.data.packing = "best_fit"          # best_fit | first_fit
     c.data.packing_bins = 16
     c.data.workers = 0                   # Grain worker processes for decode and resize
