@@ -120,6 +120,15 @@ def _is_streaming(module: nn.Module) -> bool:
     return module.is_mutable_collection("cache") and not module.is_initializing()
 
 
+def _holds_frame_0(module: nn.Module) -> bool:
+    """Whether this call's input starts at latent frame 0: always, except for a streamed chunk after the
+    first, which the module recognises by the mark it leaves in its `cache` on the first chunk."""
+    continuing = _is_streaming(module) and module.has_variable("cache", "continuing")
+    if _is_streaming(module):
+        module.put_variable("cache", "continuing", jnp.ones((), jnp.bool_))
+    return not continuing
+
+
 class CausalConv3d(nn.Module):
     """Conv over (frames, height, width) that sees only the current and past frames.
 
@@ -241,16 +250,12 @@ class Upsample(nn.Module):
     @nn.compact
     def __call__(self, x_BxTxHxWxC):
         x = skip = x_BxTxHxWxC
-        # Only the chunk holding frame 0 drops a sub-frame; a streamed later chunk keeps all of its own.
-        continuing = _is_streaming(self) and self.has_variable("cache", "continuing")
         if self.temporal:
             b, t, h, w, c = x.shape
             x = CausalConv3d(2 * c, dtype=self.dtype)(x)
             x = x.reshape(b, t, h, w, 2, c).transpose(0, 1, 4, 2, 3, 5).reshape(b, 2 * t, h, w, c)
             skip = jnp.repeat(skip, 2, axis=1)
-            if _is_streaming(self):
-                self.put_variable("cache", "continuing", jnp.ones((), jnp.bool_))
-            if not continuing:
+            if _holds_frame_0(self):  # only that chunk drops a sub-frame; later streamed chunks keep theirs
                 x, skip = x[:, 1:], skip[:, 1:]
         if self.spatial:
             x = jnp.repeat(jnp.repeat(x, 2, axis=2), 2, axis=3)
@@ -424,12 +429,9 @@ class Decoder(nn.Module):
         x = CausalConv3d(3 * self.patch_size ** 2, dtype=self.dtype, **out)(x).astype(jnp.float32)
         video = depth_to_space(x, self.patch_size)
         if self.shortcuts:
-            # Only the chunk holding frame 0 decodes latent frame 0 to a single frame (see Upsample).
-            continuing = _is_streaming(self) and self.has_variable("cache", "continuing")
-            if _is_streaming(self):
-                self.put_variable("cache", "continuing", jnp.ones((), jnp.bool_))
+            # Only the chunk holding frame 0 decodes latent frame 0 to a single frame (as in Upsample).
             video = video + unpool_pixels(z_BxtxhxwxC[..., :3].astype(jnp.float32), self.spatial_factor,
-                                          self.temporal_factor, first_chunk=not continuing)
+                                          self.temporal_factor, first_chunk=_holds_frame_0(self))
         return video
 
 
