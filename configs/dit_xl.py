@@ -43,6 +43,9 @@ def get_config(arg=None):
     c.model.text_width = 512             # byte-level encoder; a pretrained encoder replaces it at scale
     c.model.text_depth = 4
     c.model.text_heads = 8
+    c.model.text_encoder = "bytes"      # bytes (trained) | bert | t5 (pretrained, frozen; soraax/text/encoders.py)
+    c.model.text_encoder_path = ""       # a local Hugging Face folder; empty with bert: the bundled MiniLM
+    c.model.text_cache = False           # frozen encoders: encode each caption once in the pipeline
     c.model.pooled_text = False          # True: the caption's mean embedding also joins adaLN (SD3)
 
     c.diffusion = ml_collections.ConfigDict()

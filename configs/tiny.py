@@ -40,6 +40,9 @@ def get_config(arg=None):
     c.model.text_width = 128             # the byte-level text encoder, trained with the DiT
     c.model.text_depth = 2
     c.model.text_heads = 4
+    c.model.text_encoder = "bytes"      # bytes (trained) | bert | t5 (pretrained, frozen; soraax/text/encoders.py)
+    c.model.text_encoder_path = ""       # a local Hugging Face folder; empty with bert: the bundled MiniLM
+    c.model.text_cache = False           # frozen encoders: encode each caption once in the pipeline
     c.model.pooled_text = True           # the caption's mean embedding also joins adaLN (SD3)
 
     c.diffusion = ml_collections.ConfigDict()

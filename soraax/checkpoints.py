@@ -3,6 +3,10 @@
     WORKDIR/config.json           the resolved config (sample and eval rebuild the model from it)
     WORKDIR/checkpoints/<step>/   state (params, EMA params, optimizer state, step) and data (iterator)
 
+A train state's `frozen` params (a pretrained text encoder) are never written: they are read from their
+own folder, so a checkpoint holds only what training changes, and a restored state has them empty until
+`train.attach_frozen` reads them again.
+
 Orbax writes each step to a temporary folder and renames it when complete, so a crash or kill mid-save
 leaves the last complete step readable; saves are asynchronous, so training goes on while one writes.
 """
@@ -28,8 +32,12 @@ def manager(workdir: str, *, keep: int, every: int) -> ocp.CheckpointManager:
     return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"), options=options)
 
 
+def _without_frozen(state):
+    return state.replace(frozen={}) if hasattr(state, "frozen") else state
+
+
 def save(mngr: ocp.CheckpointManager, step: int, state, data_iterator=None, *, force: bool = False) -> bool:
-    items = {"state": ocp.args.StandardSave(state)}
+    items = {"state": ocp.args.StandardSave(_without_frozen(state))}
     if data_iterator is not None:
         items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
     return mngr.save(step, args=ocp.args.Composite(**items), force=force)
@@ -38,7 +46,7 @@ def save(mngr: ocp.CheckpointManager, step: int, state, data_iterator=None, *, f
 def restore(mngr: ocp.CheckpointManager, abstract_state, data_iterator=None, step: int | None = None):
     """The state at `step` (default: latest) placed by `abstract_state`'s shardings; the iterator in place."""
     step = mngr.latest_step() if step is None else step
-    items = {"state": ocp.args.StandardRestore(abstract_state)}
+    items = {"state": ocp.args.StandardRestore(_without_frozen(abstract_state))}
     if data_iterator is not None:
         check_data_hosts(mngr.directory / str(step) / "data", jax.process_count())
         items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)

@@ -21,6 +21,7 @@ SOURCES = ("synthetic", "folder", "tfds")
 PACKERS = ("best_fit", "first_fit")
 DTYPES = ("float32", "bfloat16")
 VAE_NORMS = ("group", "rms")
+TEXT_ENCODERS = ("bytes", "bert", "t5")
 
 
 class ConfigError(ValueError):
@@ -62,6 +63,32 @@ def _positive(cfg, key: str):
     _require(isinstance(node, (int, float)) and node > 0, key, f"must be > 0, got {node!r}")
 
 
+def _validate_text_encoder(cfg) -> None:
+    """The text encoder a config names exists and fits the text row: checked from its config and headers
+    (nothing is read but them), so a missing package or folder is one line, before anything compiles."""
+    m = cfg.model
+    kind = m.get("text_encoder", "bytes")
+    _require(kind in TEXT_ENCODERS, "model.text_encoder", f"must be one of {TEXT_ENCODERS}, got {kind!r}")
+    _require(isinstance(m.get("text_cache", False), bool), "model.text_cache", "must be True or False")
+    path = m.get("text_encoder_path", "")
+    _require(not path or os.path.isdir(path), "model.text_encoder_path", f"folder {path!r} does not exist")
+    if kind == "bytes":
+        _require(not path, "model.text_encoder_path",
+                 "is for a pretrained encoder (model.text_encoder 'bert' or 't5'); the byte encoder has no weights")
+        _require(not m.get("text_cache", False), "model.text_cache",
+                 "caches a frozen encoder's states; the byte encoder is trained with the DiT")
+        return
+    from soraax.text.encoders import build_text_model
+    from soraax.weights import WeightsError
+    try:
+        text = build_text_model(m, text_len=cfg.text_len, dtype=m.dtype)
+    except (FileNotFoundError, ValueError, KeyError, WeightsError) as error:
+        raise ConfigError(f"config.model.text_encoder={kind!r}: {error}") from error
+    limit = getattr(text.module, "max_positions", None)
+    _require(limit is None or cfg.text_len <= limit, "text_len",
+             f"{cfg.text_len} text tokens a row exceed the {kind} encoder's {limit} positions")
+
+
 def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Raises ConfigError naming the first key that cannot work; returns cfg unchanged otherwise."""
     _require(cfg.task in TASKS, "task", f"must be one of {TASKS}, got {cfg.task!r}")
@@ -94,6 +121,7 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
              f"width/heads = {head_dim} must be even and >= 6 for 3D rotary embeddings")
     _require(m.text_width % m.text_heads == 0, "model.text_width",
              f"{m.text_width} is not divisible by model.text_heads={m.text_heads}")
+    _validate_text_encoder(cfg)
     _require(len(m.patch_size) == 3 and all(int(p) >= 1 for p in m.patch_size), "model.patch_size",
              f"must be three positive ints (time, height, width), got {tuple(m.patch_size)}")
     v = cfg.vae

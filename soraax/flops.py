@@ -22,8 +22,19 @@ def _kernel_sizes(params) -> dict[str, int]:
             if path.endswith("kernel") and len(x.shape) >= 2}
 
 
-def dit_train_flops(cfg, params) -> dict[str, float]:
-    """FLOPs of one DiT train step on full packed rows; `params` = {"dit": ..., "text": ...} (or shapes).
+def _encoder_forward(rows: int, l: int, kernels: dict[str, int], module) -> float:
+    """Forward FLOPs of a text encoder on full rows: its kernels on every text token, plus attention."""
+    inner = module.heads * getattr(module, "head_dim", module.width // module.heads)
+    return 2.0 * rows * l * sum(kernels.values()) + 4.0 * rows * module.depth * inner * l * l
+
+
+def dit_train_flops(cfg, params, frozen=None, text_module=None) -> dict[str, float]:
+    """FLOPs of one DiT train step on full packed rows, from param shapes.
+
+    `params` = {"dit": ..., "text": ...} when the text encoder is trained (bytes); a frozen encoder run in
+    the step is `frozen["text"]` and costs its forward alone (nothing upstream of it is trained, so no
+    backward); a cached one (in neither) costs the step nothing. `text_module` gives the encoder's depth and
+    attention width (default: the config's byte encoder).
 
     Attention is counted over the whole row (S x S), which is what the xla and chunked backends compute
     whatever the segments; a block-sparse kernel (splash) skips the cross-segment blocks.
@@ -31,12 +42,17 @@ def dit_train_flops(cfg, params) -> dict[str, float]:
     rows, s, l = cfg.batch_size, cfg.seq_len, cfg.text_len
     m = cfg.model
     dit_kernels = _kernel_sizes(params["dit"])
-    text_kernels = _kernel_sizes(params["text"])
     video_side = sum(n for p, n in dit_kernels.items() if not any(t in p for t in _TEXT_SIDE))
     text_side = sum(n for p, n in dit_kernels.items() if any(t in p for t in _TEXT_SIDE))
     # A scanned stack keeps the layer axis in the kernel's shape, so the sizes above already hold all layers.
-    forward = 2.0 * rows * (s * video_side + l * text_side + l * sum(text_kernels.values()))
+    forward = 2.0 * rows * (s * video_side + l * text_side)
     forward += 4.0 * rows * m.depth * m.width * (s * s + s * l)      # self- and cross-attention
-    forward += 4.0 * rows * m.text_depth * m.text_width * l * l      # the text encoder's attention
+    if text_module is None:
+        from soraax.models import build
+        text_module = build(cfg).text_encoder
     total = 3.0 * forward
+    if "text" in params:
+        total += 3.0 * _encoder_forward(rows, l, _kernel_sizes(params["text"]), text_module)
+    elif frozen and "text" in frozen:
+        total += _encoder_forward(rows, l, _kernel_sizes(frozen["text"]), text_module)
     return {"flops_per_step": total, "flops_per_token": total / (rows * s)}

@@ -59,17 +59,20 @@ class MultiHeadAttention(nn.Module):
         return nn.with_logical_constraint(out_BxSxD, self.activation_axes)
 
 
-
-
 class Mlp(nn.Module):
-    """Position-wise MLP: Dense to `hidden`, tanh-approximated GELU, Dense back to the input width."""
+    """Position-wise MLP: Dense to `hidden`, GELU, Dense back to the input width.
+
+    GELU is tanh-approximated (DiT's choice) unless `exact_gelu` (BERT's erf form, which pretrained weights
+    need: the two differ by up to ~1e-3 an activation, more than a parity check allows).
+    """
     hidden: int
     dtype: Any = jnp.float32
     activation_axes: tuple[str, str, str] = ("batch", "length", "embed")
+    exact_gelu: bool = False
 
     @nn.compact
     def __call__(self, x_BxSxD):
         batch, length, _ = self.activation_axes
         h_BxSxF = _dense(self.hidden, ("embed", "mlp"), "mlp", self.dtype, "fc1")(x_BxSxD)
-        h_BxSxF = nn.with_logical_constraint(nn.gelu(h_BxSxF, approximate=True), (batch, length, "mlp"))
+        h_BxSxF = nn.with_logical_constraint(nn.gelu(h_BxSxF, approximate=not self.exact_gelu), (batch, length, "mlp"))
         return _dense(x_BxSxD.shape[-1], ("mlp", "embed"), "embed", self.dtype, "fc2")(h_BxSxF)

@@ -9,18 +9,26 @@ import ml_collections
 
 from soraax import patches
 from soraax.dit import DiT
-from soraax.text import ByteTokenizer, TextEncoder
+from soraax.text.encoders import TextModel, build_text_model
 from soraax.vae import VideoVAE
 
 
 @dataclass(frozen=True)
 class Models:
-    """The modules of one text-to-video model; params live elsewhere (TrainState / checkpoints)."""
+    """The modules of one text-to-video model; params live elsewhere (TrainState / checkpoints, and for a
+    frozen pretrained text encoder its own folder)."""
     dit: DiT
-    text_encoder: TextEncoder
+    text: TextModel
     vae: VideoVAE
-    tokenizer: ByteTokenizer
     patch_size: tuple[int, int, int]
+
+    @property
+    def text_encoder(self):
+        return self.text.module
+
+    @property
+    def tokenizer(self):
+        return self.text.tokenizer
 
     @property
     def latent_channels(self) -> int:
@@ -41,9 +49,7 @@ def build(cfg: ml_collections.ConfigDict, latent_mean=0.0, latent_std=1.0) -> Mo
     dtype = jnp.dtype(m.dtype)
     patch_size = tuple(int(p) for p in m.patch_size)
     dit = DiT(patch_dim=patches.patch_dim(patch_size, cfg.vae.latent_channels), width=m.width, depth=m.depth,
-              heads=m.heads, mlp_ratio=m.mlp_ratio, pooled_text=m.get("pooled_text", False), attn_impl=m.attn_impl, remat_policy=m.remat_policy,
-              scan_layers=m.scan_layers, dtype=dtype)
-    text_encoder = TextEncoder(vocab_size=ByteTokenizer.vocab_size, width=m.text_width, depth=m.text_depth,
-                               heads=m.text_heads, max_len=cfg.text_len, attn_impl=m.attn_impl, dtype=dtype)
-    return Models(dit=dit, text_encoder=text_encoder, vae=build_vae(cfg.vae, latent_mean, latent_std),
-                  tokenizer=ByteTokenizer(), patch_size=patch_size)
+              heads=m.heads, mlp_ratio=m.mlp_ratio, pooled_text=m.get("pooled_text", False),
+              attn_impl=m.attn_impl, remat_policy=m.remat_policy, scan_layers=m.scan_layers, dtype=dtype)
+    return Models(dit=dit, text=build_text_model(m, text_len=cfg.text_len, dtype=dtype),
+                  vae=build_vae(cfg.vae, latent_mean, latent_std), patch_size=patch_size)

@@ -12,7 +12,8 @@ video trainer needs on top of them:
     (`segment_token_counts`, `positions_from_segment_ids`).
 
 An example entering `pack_clips` is `{tokens [N,P] float32, coords [N,3] int32, cond_mask [N] bool,
-text_tokens [L] int32}`.
+text_tokens [L] int32}`, and optionally `text_states [L, T] float32` (a frozen encoder's states, cached by
+the pipeline), packed slot for slot with `text_tokens`.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import numpy as np
 
 VIDEO_FEATURES = ("tokens", "coords", "cond_mask")
 TEXT_FEATURE = "text_tokens"
+TEXT_STATES = "text_states"
 BATCH_KEYS = ("tokens", "coords", "segment_ids", "cond_mask", "text_tokens", "text_segment_ids")
 
 _PACKERS = {
@@ -46,17 +48,23 @@ def _fit_example(example: dict[str, Any], seq_len: int, text_len: int) -> dict[s
     text = np.asarray(example[TEXT_FEATURE], np.int32)[:text_len]
     if text.size == 0:
         raise ValueError("every clip needs at least one text token (use the tokenizer's empty-caption id)")
-    return {
+    fitted = {
         "tokens": np.asarray(example["tokens"], np.float32),
         "coords": np.asarray(example["coords"], np.int32),
         "cond_mask": np.asarray(example["cond_mask"], bool),
         TEXT_FEATURE: text,
     }
+    if TEXT_STATES in example:
+        states = np.asarray(example[TEXT_STATES], np.float32)
+        if states.shape[0] != len(example[TEXT_FEATURE]):
+            raise ValueError(f"text_states has {states.shape[0]} rows for {len(example[TEXT_FEATURE])} text tokens")
+        fitted[TEXT_STATES] = states[:text_len]
+    return fitted
 
 
 def to_batch_format(packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Grain's packed row -> DESIGN.md's batch row (positions are dropped: they derive from segment ids)."""
-    return {
+    row = {
         "tokens": packed["tokens"],
         "coords": packed["coords"],
         "segment_ids": packed["tokens_segment_ids"].astype(np.int32),
@@ -64,17 +72,24 @@ def to_batch_format(packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         "text_tokens": packed[TEXT_FEATURE].astype(np.int32),
         "text_segment_ids": packed[TEXT_FEATURE + "_segment_ids"].astype(np.int32),
     }
+    if TEXT_STATES in packed:
+        row[TEXT_STATES] = packed[TEXT_STATES].astype(np.float32)
+    return row
 
 
 def pack_clips(dataset: grain.IterDataset, *, seq_len: int, text_len: int, max_segments: int,
-               num_packing_bins: int = 8, strategy: str = "best_fit", seed: int = 0) -> grain.IterDataset:
-    """Packs one-clip examples into rows of `seq_len` video tokens and `text_len` text tokens."""
+               num_packing_bins: int = 8, strategy: str = "best_fit", seed: int = 0,
+               with_text_states: bool = False) -> grain.IterDataset:
+    """Packs one-clip examples into rows of `seq_len` video tokens and `text_len` text tokens (and, with
+    `with_text_states`, each example's `text_states` alongside its text tokens)."""
     if strategy not in _PACKERS:
         raise ValueError(f"packing strategy {strategy!r} is not one of {sorted(_PACKERS)}")
     if max_segments < 1:
         raise ValueError(f"max_segments must be >= 1, got {max_segments}")
     dataset = dataset.map(lambda ex: _fit_example(ex, seq_len, text_len))
     lengths = {"tokens": seq_len, "coords": seq_len, "cond_mask": seq_len, TEXT_FEATURE: text_len}
+    if with_text_states:
+        lengths[TEXT_STATES] = text_len
     packed = _PACKERS[strategy](
         dataset, length_struct=lengths, num_packing_bins=num_packing_bins, seed=seed,
         shuffle_bins=True, max_sequences_per_bin=max_segments)

@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from soraax import checkpoints, diffusion, patches, sharding, train
 from soraax.models import Models, build
+from soraax.text.encoders import frozen_params
 from soraax.vae import VideoVAE
 
 # (width, height) of the default frame, the landscape shape most of the synthetic data has.
@@ -177,8 +178,11 @@ def load_run(workdir: str, use_ema: bool = True, step: int | None = None) -> Run
     vae_dir = cfg.vae.checkpoint or os.path.join(workdir, "vae")
     vae_params = train.load_vae_params(cfg, vae_dir)
     latent_mean, latent_std = train.vae_latent_stats(cfg, vae_dir)
-    return Run(workdir=workdir, cfg=cfg, models=build(cfg, latent_mean, latent_std),
-               params=state.ema_params if use_ema else state.params, vae_params=vae_params, step=int(step),
+    models = build(cfg, latent_mean, latent_std)
+    params = dict(state.ema_params if use_ema else state.params)
+    if models.text.frozen:  # a pretrained encoder: from its own folder, never from the run's checkpoints
+        params["text"] = jax.device_put(frozen_params(models.text))
+    return Run(workdir=workdir, cfg=cfg, models=models, params=params, vae_params=vae_params, step=int(step),
                ema=use_ema)
 
 
@@ -252,9 +256,11 @@ def _packed_rows(run: Run, clips: Sequence[Clip], rows: Sequence[Sequence[int]],
             caption = tokenizer.encode(clip.prompt, l)
             batch["text_tokens"][r, text_start:text_start + len(caption)] = caption
             batch["text_segment_ids"][r, text_start:text_start + len(caption)] = segment
-            # Every caption holds at least BOS and EOS, so the empty ones fit wherever the captions did.
-            batch["uncond_tokens"][r, 2 * (segment - 1):2 * segment] = empty
-            batch["uncond_segment_ids"][r, 2 * (segment - 1):2 * segment] = segment
+            # Every caption holds at least the empty caption's special tokens, so the empty ones fit
+            # wherever the captions did.
+            uncond = slice(len(empty) * (segment - 1), len(empty) * segment)
+            batch["uncond_tokens"][r, uncond] = empty
+            batch["uncond_segment_ids"][r, uncond] = segment
             start += n
             text_start += len(caption)
     return batch, places

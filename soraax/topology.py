@@ -191,7 +191,8 @@ def _check_batch_splits(cfg, mesh) -> None:
 def _state_gib(state) -> dict[str, float]:
     """What one device holds of the train state, from its shapes and shardings (exact, before compiling)."""
     return {"params": _gib(per_device_bytes(state.params)), "ema_params": _gib(per_device_bytes(state.ema_params)),
-            "optimizer_state": _gib(per_device_bytes(state.opt_state))}
+            "optimizer_state": _gib(per_device_bytes(state.opt_state)),
+            "frozen_text_encoder": _gib(per_device_bytes(state.frozen))}
 
 
 def _compiled_gib(memory) -> dict[str, float]:
@@ -277,7 +278,7 @@ def compile_report(cfg, topology_name: str,
     xla_flops, cost_seconds = _xla_cost(compiled.cost_analysis())
     flop_report: dict[str, Any] = {"xla_per_device": xla_flops}
     if cfg.task == "dit":
-        analytic = flops.dit_train_flops(cfg, state.params)["flops_per_step"]
+        analytic = flops.dit_train_flops(cfg, state.params, state.frozen)["flops_per_step"]
         flop_report["analytic_per_device"] = analytic / slice_.chips
         # The time the analytic FLOPs take at the chip's peak: a lower bound on the step (MFU = 100%).
         flop_report["step_seconds_at_peak"] = analytic / (slice_.chips * g.peak_bf16_tflops * 1e12)

@@ -35,7 +35,8 @@ from tqdm import tqdm
 from soraax import checkpoints, config as config_lib, diffusion, distributed, flops, packing, sharding, topology
 from soraax.data import pipeline
 from soraax.models import Models, build, build_vae
-from soraax.text import drop_captions
+from soraax.text.dropout import drop_caption_states, drop_captions
+from soraax.text.encoders import CaptionStates, empty_caption_states, frozen_params
 from soraax.vae import VideoVAE, latent_channel_stats, vae_loss
 
 LATENT_STATS_FILE = "latent_stats.json"
@@ -44,23 +45,28 @@ log = logging.getLogger("soraax.train")
 
 @flax.struct.dataclass
 class TrainState:
+    """`params` are trained (with their EMA and optimizer state); `frozen` (a pretrained text encoder run
+    inside the step) is an input the step never updates, read from its own folder, never checkpointed."""
     step: jax.Array
     params: Any
     ema_params: Any
     opt_state: Any
+    frozen: Any = flax.struct.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
 class Task:
     """What differs between training the DiT and the VAE; the loop is shared."""
     name: str
-    init_params: Callable[[jax.Array], Any]               # key -> params (logically boxed)
+    init_params: Callable[[jax.Array], Any]               # key -> trained params (logically boxed)
     loss_fn: Callable[[Any, dict, jax.Array], tuple]      # (params, batch, rng) -> (loss, metrics)
     batches: Callable[[int, int], Any]                    # (process_index, process_count) -> IterDataset
     batch_specs: dict[str, jax.sharding.PartitionSpec]    # per batch key
     token_counts: Callable[[dict], tuple[int, int]]       # host batch -> (real tokens, slots)
     total_steps: int
     learning_rate: float
+    frozen_abstract: Callable[[], Any] = dict             # () -> frozen params' abstract (logically boxed)
+    load_frozen: Callable[[Any], Any] | None = None       # shardings -> frozen params placed in them
 
 
 # ------------------------------------------------------------------------------------------ the step
@@ -78,26 +84,48 @@ def make_optimizer(cfg, learning_rate: float, total_steps: int):
 def make_train_step(loss_fn, tx, schedule, ema_decay: float):
     def train_step(state: TrainState, batch: dict, rng: jax.Array):
         rng = jax.random.fold_in(rng, state.step)
-        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, rng)
+
+        def trained_loss(params):  # differentiated in the trained params only: frozen ones get no gradient
+            return loss_fn({**params, **state.frozen}, batch, rng)
+        (loss, metrics), grads = jax.value_and_grad(trained_loss, has_aux=True)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         ema_params = jax.tree_util.tree_map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p,
                                             state.ema_params, params)
         metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads),
                    "learning_rate": schedule(state.step)}
-        return TrainState(state.step + 1, params, ema_params, opt_state), metrics
+        return TrainState(state.step + 1, params, ema_params, opt_state, state.frozen), metrics
     return train_step
 
 
-def dit_loss_fn(models: Models, cfg):
+def text_conditioning(models: Models, cfg, empty_states=None):
+    """(params, batch, key) -> (text_states, text_segment_ids) after caption dropout.
+
+    Cached states (`empty_states` given: the frozen encoder's states of the empty caption) come in the
+    batch; otherwise the encoder runs here on the dropped-out tokens, params["text"] trained or frozen.
+    """
+    rate, max_segments = cfg.diffusion.text_dropout, cfg.max_segments
+    if empty_states is not None:
+        def cached(params, batch, key):
+            return drop_caption_states(key, batch["text_states"], batch["text_segment_ids"],
+                                       max_segments=max_segments, rate=rate, empty_states_ExT=empty_states)
+        return cached
+
+    def encoded(params, batch, key):
+        tokens, segment_ids = drop_captions(key, batch["text_tokens"], batch["text_segment_ids"],
+                                            max_segments=max_segments, rate=rate,
+                                            empty_ids=models.tokenizer.empty_ids)
+        return models.text_encoder.apply({"params": params["text"]}, tokens, segment_ids), segment_ids
+    return encoded
+
+
+def dit_loss_fn(models: Models, cfg, empty_states=None):
     d = cfg.diffusion
+    text_fn = text_conditioning(models, cfg, empty_states)
 
     def loss_fn(params, batch, rng):
         k_drop, k_t, k_eps = jax.random.split(rng, 3)
-        text_tokens, text_segment_ids = drop_captions(
-            k_drop, batch["text_tokens"], batch["text_segment_ids"], max_segments=cfg.max_segments,
-            rate=d.text_dropout)
-        text_states = models.text_encoder.apply({"params": params["text"]}, text_tokens, text_segment_ids)
+        text_states, text_segment_ids = text_fn(params, batch, k_drop)
         x0, segment_ids, cond_mask = batch["tokens"], batch["segment_ids"], batch["cond_mask"]
         t = diffusion.per_token_timesteps(k_t, segment_ids, cond_mask, max_segments=cfg.max_segments,
                                           base_tokens=d.base_tokens, mean=d.t_mean, std=d.t_std)
@@ -121,26 +149,50 @@ def vae_loss_fn(vae: VideoVAE, kl_weight: float):
 # ------------------------------------------------------------------------------------------- tasks
 
 
-def _abstract_dit_batch(cfg, rows: int) -> dict:
-    p = build(cfg).dit.patch_dim
-    s, l = cfg.seq_len, cfg.text_len
-    return {"tokens": jnp.zeros((rows, s, p), jnp.float32), "coords": jnp.zeros((rows, s, 3), jnp.int32),
-            "segment_ids": jnp.ones((rows, s), jnp.int32), "cond_mask": jnp.zeros((rows, s), bool),
-            "text_tokens": jnp.ones((rows, l), jnp.int32), "text_segment_ids": jnp.ones((rows, l), jnp.int32)}
+def caches_text(cfg) -> bool:
+    """Whether batches carry the frozen text encoder's states (model.text_cache) instead of running it."""
+    return cfg.model.get("text_encoder", "bytes") != "bytes" and cfg.model.get("text_cache", False)
+
+
+def _abstract_dit_batch(cfg, rows: int, models: Models | None = None) -> dict:
+    models = build(cfg) if models is None else models
+    s, l, p = cfg.seq_len, cfg.text_len, models.dit.patch_dim
+    batch = {"tokens": jnp.zeros((rows, s, p), jnp.float32), "coords": jnp.zeros((rows, s, 3), jnp.int32),
+             "segment_ids": jnp.ones((rows, s), jnp.int32), "cond_mask": jnp.zeros((rows, s), bool),
+             "text_tokens": jnp.ones((rows, l), jnp.int32), "text_segment_ids": jnp.ones((rows, l), jnp.int32)}
+    if caches_text(cfg):
+        batch["text_states"] = jnp.zeros((rows, l, models.text.width), jnp.float32)
+    return batch
 
 
 def dit_task(cfg, vae_params=None, latent_stats=((0.0,), (1.0,))) -> Task:
     mean, std = latent_stats
     models = build(cfg, latent_mean=mean, latent_std=std)
+    text, cached = models.text, caches_text(cfg)
+
+    def text_abstract():
+        batch = _abstract_dit_batch(cfg, 1, models)
+        return jax.eval_shape(text.module.init, jax.random.PRNGKey(0), batch["text_tokens"],
+                              batch["text_segment_ids"])["params"]
 
     def init_params(key):
         k_text, k_dit = jax.random.split(key)
-        batch = _abstract_dit_batch(cfg, 1)
-        text_vars = models.text_encoder.init(k_text, batch["text_tokens"], batch["text_segment_ids"])
-        text_states = jnp.zeros((1, cfg.text_len, cfg.model.text_width), jnp.float32)
+        batch = _abstract_dit_batch(cfg, 1, models)
+        text_states = jnp.zeros((1, cfg.text_len, text.width), jnp.float32)
         dit_vars = models.dit.init(k_dit, batch["tokens"], batch["coords"], batch["segment_ids"],
                                    jnp.zeros((1, cfg.seq_len)), text_states, batch["text_segment_ids"])
+        if text.frozen:
+            return {"dit": dit_vars["params"]}
+        text_vars = text.module.init(k_text, batch["text_tokens"], batch["text_segment_ids"])
         return {"dit": dit_vars["params"], "text": text_vars["params"]}
+
+    # A cached encoder's params live in the pipeline (host memory), not the step; one run in the step is
+    # placed in its shardings like the DiT's.
+    frozen_in_step = text.frozen and not cached
+    empty_states = None
+    if cached:
+        host_text_params = frozen_params(text)
+        empty_states = empty_caption_states(text, host_text_params)
 
     def batches(process_index, process_count):
         # Each host encodes its own clips in a prefetch thread, so with a VAE copy on one local device:
@@ -148,19 +200,26 @@ def dit_task(cfg, vae_params=None, latent_stats=((0.0,), (1.0,))) -> Task:
         local_params = jax.device_put(distributed.host_copy(vae_params), jax.local_devices()[0])
         encode = jax.jit(lambda p, v: models.vae.apply({"params": p}, v[None], method=VideoVAE.encode)[0][0])
         return pipeline.dit_batches(cfg, lambda video: np.asarray(encode(local_params, video)),
-                                    process_index=process_index, process_count=process_count)
+                                    process_index=process_index, process_count=process_count,
+                                    tokenizer=text.tokenizer,
+                                    encode_text=CaptionStates(text, host_text_params) if cached else None)
 
     video = jax.sharding.PartitionSpec(("data", "fsdp"), "context")
-    text = jax.sharding.PartitionSpec(("data", "fsdp"))
+    text_spec = jax.sharding.PartitionSpec(("data", "fsdp"))
     specs = {"tokens": video, "coords": video, "segment_ids": video, "cond_mask": video,
-             "text_tokens": text, "text_segment_ids": text}
+             "text_tokens": text_spec, "text_segment_ids": text_spec}
+    if cached:
+        specs["text_states"] = text_spec
 
     def token_counts(batch):
         stats = packing.packing_stats(batch["segment_ids"])
         return stats["real_tokens"], stats["slots"]
 
-    return Task("dit", init_params, dit_loss_fn(models, cfg), batches, specs, token_counts,
-                cfg.total_steps, cfg.learning_rate)
+    return Task("dit", init_params, dit_loss_fn(models, cfg, empty_states), batches, specs, token_counts,
+                cfg.total_steps, cfg.learning_rate,
+                frozen_abstract=(lambda: {"text": text_abstract()}) if frozen_in_step else dict,
+                load_frozen=(lambda shardings: {"text": frozen_params(text, shardings["text"])})
+                if frozen_in_step else None)
 
 
 def vae_task(cfg) -> Task:
@@ -184,21 +243,33 @@ def vae_task(cfg) -> Task:
 
 
 def create_state(cfg, task: Task, mesh):
-    """(init fn jitted to its shardings, state shardings, abstract state) - `eval_shape` first, so nothing
-    is allocated until the init runs, and then each device allocates only its own shards."""
+    """(init fn, state shardings, abstract state) - `eval_shape` first, so nothing is allocated until the
+    init runs, and then each device allocates only its own shards (and reads only its shards of frozen
+    pretrained params)."""
     tx, _ = make_optimizer(cfg, task.learning_rate, task.total_steps)
 
     def init_boxed(key):
         params = task.init_params(key)
-        return TrainState(jnp.zeros((), jnp.int32), params, params, tx.init(params))
+        return TrainState(jnp.zeros((), jnp.int32), params, params, tx.init(params), task.frozen_abstract())
 
     boxed = jax.eval_shape(init_boxed, jax.random.PRNGKey(0))
     with sharding.rules_context(mesh):
         shardings = sharding.logical_sharding(boxed, mesh)
     abstract = jax.tree_util.tree_map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                                       nn.meta.unbox(boxed), shardings)
-    init = jax.jit(lambda key: nn.meta.unbox(init_boxed(key)), out_shardings=shardings)
+    init_trained = jax.jit(lambda key: nn.meta.unbox(init_boxed(key)).replace(frozen={}),
+                           out_shardings=shardings.replace(frozen={}))
+
+    def init(key):
+        return attach_frozen(init_trained(key), task, abstract)
     return init, shardings, abstract
+
+
+def attach_frozen(state: TrainState, task: Task, abstract: TrainState) -> TrainState:
+    """`state` with the task's frozen params read from their folder into the shardings `abstract` gives."""
+    if task.load_frozen is None:
+        return state
+    return state.replace(frozen=task.load_frozen(jax.tree_util.tree_map(lambda a: a.sharding, abstract.frozen)))
 
 
 def sharded_step(cfg, task: Task, mesh):
@@ -249,7 +320,7 @@ def train(cfg, workdir: str, task: Task, *, show_progress: bool = True, stop_at:
     data = iter(task.batches(jax.process_index(), jax.process_count()))
     mngr = checkpoints.manager(workdir, keep=cfg.keep_checkpoints, every=cfg.checkpoint_every)
     if mngr.latest_step() is not None:
-        state = checkpoints.restore(mngr, abstract, data)
+        state = attach_frozen(checkpoints.restore(mngr, abstract, data), task, abstract)
         message = f"[{task.name}] resuming from step {int(state.step)} in {workdir}"
     else:
         state = init(jax.random.PRNGKey(cfg.seed))
@@ -400,7 +471,7 @@ def describe(cfg, *, compile_step: bool) -> dict:
     info = {"task": cfg.task, "params": _param_count(abstract), "mesh": dict(mesh.shape),
             "batch": {k: list(v.shape) for k, v in batch.items()}, "tokens_per_step": tokens}
     if cfg.task == "dit":
-        info.update(flops.dit_train_flops(cfg, abstract.params))
+        info.update(flops.dit_train_flops(cfg, abstract.params, abstract.frozen))
     else:  # no scanned stack: XLA's own count is whole
         info["flops_per_step"] = float((lowered.cost_analysis() or {}).get("flops", float("nan")))
         info["flops_per_token"] = info["flops_per_step"] / tokens

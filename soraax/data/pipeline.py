@@ -2,7 +2,8 @@
 
     source -> shuffle(seed) -> this host's shard -> decode -> temporal crop + resize to the token budget
     (aspect kept, rounded to the patch grid; never a square crop) -> [Grain worker processes end here]
-    -> VAE encode (frozen, jitted once per clip shape) -> patches + coords -> Patch n' Pack -> batch
+    -> VAE encode (frozen, jitted once per clip shape) -> patches + coords
+    -> [frozen text encoder, each caption once, when model.text_cache] -> Patch n' Pack -> batch
 
 Decode and resize are numpy and run in Grain worker processes (`data.workers`); the VAE runs in the
 training process, where JAX lives. Every random choice comes from Grain's per-element seeds, so the
@@ -25,6 +26,7 @@ from soraax.data.synthetic import SyntheticClips
 from soraax.text import ByteTokenizer
 
 EncodeFn = Callable[[np.ndarray], np.ndarray]  # video float32 [T, H, W, 3] in [-1, 1] -> latent [t, h, w, C]
+EncodeTextFn = Callable[[np.ndarray], np.ndarray]  # caption ids int32 [n] -> text states float32 [n, width]
 
 
 # ------------------------------------------------------------------------------------------- sizing
@@ -113,13 +115,13 @@ def _decoded_clips(cfg, *, process_index: int, process_count: int, split: str = 
 class _PrepareForDiT(grain.transforms.RandomMap):
     """Caption choice and tokens, temporal crop and resize to the token budget (numpy, worker-safe)."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, tokenizer):
         self.budget = dict(token_budget=cfg.data.token_budget, max_frames=cfg.data.max_frames,
                            spatial_factor=cfg.vae.spatial_factor, temporal_factor=cfg.vae.temporal_factor,
                            patch_size=tuple(cfg.model.patch_size))
         self.detailed_rate = cfg.data.detailed_caption_rate
         self.text_len = cfg.text_len
-        self.tokenizer = ByteTokenizer()
+        self.tokenizer = tokenizer
 
     def random_map(self, example: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
         video = example["video"]
@@ -131,12 +133,15 @@ class _PrepareForDiT(grain.transforms.RandomMap):
                 "text_tokens": self.tokenizer.encode(caption, self.text_len)}
 
 
-def _encode_and_patchify(encode: EncodeFn, patch_size) -> Callable[[dict], dict]:
+def _encode_and_patchify(encode: EncodeFn, patch_size, encode_text: EncodeTextFn | None) -> Callable[[dict], dict]:
     def fn(example):
         latent = np.asarray(encode(example["video"]))
         tokens, coords = patches.patchify(latent, patch_size)
-        return {"tokens": tokens.astype(np.float32), "coords": coords,
-                "cond_mask": np.zeros(tokens.shape[0], bool), "text_tokens": example["text_tokens"]}
+        out = {"tokens": tokens.astype(np.float32), "coords": coords,
+               "cond_mask": np.zeros(tokens.shape[0], bool), "text_tokens": example["text_tokens"]}
+        if encode_text is not None:
+            out["text_states"] = encode_text(example["text_tokens"])
+        return out
     return fn
 
 
@@ -149,15 +154,22 @@ def _worker_processes(ds: grain.IterDataset, workers: int) -> grain.IterDataset:
     return ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
 
 
-def dit_batches(cfg, encode: EncodeFn, *, process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
-    """This host's share of the packed batches: dicts of [batch_size / hosts, ...] arrays (DESIGN.md)."""
+def dit_batches(cfg, encode: EncodeFn, *, process_index: int = 0, process_count: int = 1, tokenizer=None,
+                encode_text: EncodeTextFn | None = None) -> grain.IterDataset:
+    """This host's share of the packed batches: dicts of [batch_size / hosts, ...] arrays (DESIGN.md).
+
+    `tokenizer` is the text encoder's (default: bytes); with `encode_text` (a frozen encoder's cache) the
+    batches also carry `text_states` [rows, text_len, width], packed like `text_tokens`.
+    """
     if cfg.batch_size % process_count:
         raise ValueError(f"config.batch_size={cfg.batch_size} must divide evenly over {process_count} hosts")
     ds = _decoded_clips(cfg, process_index=process_index, process_count=process_count)
-    ds = _worker_processes(ds.random_map(_PrepareForDiT(cfg), seed=cfg.seed).to_iter_dataset(), cfg.data.workers)
-    ds = ds.map(_encode_and_patchify(encode, tuple(cfg.model.patch_size)))
+    prepare = _PrepareForDiT(cfg, ByteTokenizer() if tokenizer is None else tokenizer)
+    ds = _worker_processes(ds.random_map(prepare, seed=cfg.seed).to_iter_dataset(), cfg.data.workers)
+    ds = ds.map(_encode_and_patchify(encode, tuple(cfg.model.patch_size), encode_text))
     ds = packing.pack_clips(ds, seq_len=cfg.seq_len, text_len=cfg.text_len, max_segments=cfg.max_segments,
-                            num_packing_bins=cfg.data.packing_bins, strategy=cfg.data.packing, seed=cfg.seed)
+                            num_packing_bins=cfg.data.packing_bins, strategy=cfg.data.packing, seed=cfg.seed,
+                            with_text_states=encode_text is not None)
     ds = ds.batch(cfg.batch_size // process_count, drop_remainder=True)
     # The VAE encode above is host work: a thread keeps the next batches coming while the step runs.
     return grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=2)

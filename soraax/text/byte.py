@@ -14,7 +14,6 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -34,6 +33,7 @@ class ByteTokenizer:
     bos_id = 1
     eos_id = 2
     num_special = 3
+    empty_ids = (bos_id, eos_id)
     vocab_size = num_special + 256
 
     def encode(self, text: str, max_len: int) -> np.ndarray:
@@ -151,20 +151,3 @@ class TextEncoder(nn.Module):
         x_BxLxD = _layer_norm(self.dtype, "final_norm")(x_BxLxD)
         x_BxLxD = jnp.where((text_segment_ids != 0)[:, :, None], x_BxLxD, 0).astype(self.dtype)
         return nn.with_logical_constraint(x_BxLxD, _ACTIVATION)
-
-
-def drop_captions(key, text_tokens_BxL, text_segment_ids_BxL, *, max_segments: int, rate: float):
-    """Replaces each packed caption, with probability `rate`, by the empty caption [BOS, EOS].
-
-    This is classifier-free guidance's caption dropout done inside the jitted step on packed rows: a dropped
-    caption keeps its first two slots (now BOS, EOS) and its other slots become padding, so the encoder sees
-    exactly what `encode("")` gives at sampling time.
-    """
-    drop_BxM = jax.random.bernoulli(key, rate, (text_tokens_BxL.shape[0], max_segments + 1))
-    drop_BxL = jnp.take_along_axis(drop_BxM, text_segment_ids_BxL, axis=1) & (text_segment_ids_BxL > 0)
-    position_BxL = positions_from_segment_ids(text_segment_ids_BxL)
-    empty_BxL = jnp.where(position_BxL == 0, ByteTokenizer.bos_id,
-                          jnp.where(position_BxL == 1, ByteTokenizer.eos_id, ByteTokenizer.pad_id))
-    tokens_BxL = jnp.where(drop_BxL, empty_BxL, text_tokens_BxL).astype(text_tokens_BxL.dtype)
-    segment_ids_BxL = jnp.where(drop_BxL & (position_BxL >= 2), 0, text_segment_ids_BxL)
-    return tokens_BxL, segment_ids_BxL
