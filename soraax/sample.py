@@ -22,6 +22,7 @@ import numpy as np
 
 from soraax import checkpoints, sampling
 from soraax.data.video_io import contact_sheet, write_image, write_video
+from soraax.text.expand import expand_prompt
 
 EXTENSIONS = (".mp4", ".gif", ".png")
 
@@ -51,6 +52,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="noise seed; clip i of a call uses (seed, i)")
     p.add_argument("--num", type=int, default=1, help="how many clips of the prompt (names get _0, _1, ...)")
     p.add_argument("--raw", action="store_true", help="sample with the raw params instead of the EMA params")
+    p.add_argument("--expand", action="store_true",
+                   help="rewrite the prompt in the detailed caption style first (soraax/text/expand.py)")
+    p.add_argument("--expand_url", default="",
+                   help="with --expand: an OpenAI-compatible endpoint (e.g. http://localhost:8000/v1) to rewrite "
+                        "it; falls back to the built-in expander, with a warning, when it does not answer")
+    p.add_argument("--expand_model", default="gpt-4o-mini", help="the chat model --expand_url serves")
+    p.add_argument("--expand_timeout", type=float, default=10.0, help="seconds to wait for --expand_url")
     return p
 
 
@@ -112,7 +120,12 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
     guidance = run.cfg.diffusion.guidance if args.guidance is None else args.guidance
-    videos = sampling.generate(run, [args.prompt] * args.num, frames=args.frames, height=height, width=width,
+    prompt = args.prompt
+    if args.expand or args.expand_url:
+        prompt = expand_prompt(prompt, url=args.expand_url, model=args.expand_model, timeout=args.expand_timeout,
+                               moving=args.frames > 1)
+        print(f"prompt expanded to: {prompt}")
+    videos = sampling.generate(run, [prompt] * args.num, frames=args.frames, height=height, width=width,
                                steps=steps, guidance=guidance, seed=args.seed, progress=True)
     written = []
     for path, video in zip(paths, videos):
