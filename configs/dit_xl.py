@@ -26,6 +26,7 @@ def get_config(arg=None):
     c.log_every = 100
     c.checkpoint_every = 2_000
     c.keep_checkpoints = 3
+    c.max_nonfinite_steps = 20           # non-finite losses/gradients in a row (each skipped) before the run stops
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, context=1, tensor=1))
     # Multi-slice: slices each axis spans over the data-center network (the sizes above are per slice).
     c.mesh.dcn = ml_collections.ConfigDict(dict(data=1, fsdp=1, context=1, tensor=1))

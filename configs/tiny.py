@@ -25,6 +25,7 @@ def get_config(arg=None):
     c.log_every = 50
     c.checkpoint_every = 200
     c.keep_checkpoints = 2
+    c.max_nonfinite_steps = 20           # non-finite losses/gradients in a row (each skipped) before the run stops
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, context=1, tensor=1))
 
     c.model = ml_collections.ConfigDict()

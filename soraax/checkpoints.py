@@ -76,8 +76,10 @@ def check_data_hosts(data_dir, process_count: int) -> None:
 def write_config(workdir: str, cfg: ml_collections.ConfigDict) -> None:
     if jax.process_index() == 0:
         os.makedirs(workdir, exist_ok=True)
-        with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
+        path = os.path.join(workdir, CONFIG_FILE)
+        with open(path + ".tmp", "w") as f:  # then renamed: a kill mid-write leaves the old file whole
             f.write(cfg.to_json(indent=2))
+        os.replace(path + ".tmp", path)
 
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:

@@ -138,5 +138,6 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
 
 if __name__ == "__main__":
     # Each clip shape compiles its own sampler and decoder; a persistent cache makes reruns start at once.
-    jax.config.update("jax_compilation_cache_dir", os.path.expanduser("~/.cache/soraax/jax"))
+    if not jax.config.jax_compilation_cache_dir:  # $JAX_COMPILATION_CACHE_DIR, when set, wins
+        jax.config.update("jax_compilation_cache_dir", os.path.expanduser("~/.cache/soraax/jax"))
     main()

@@ -32,7 +32,8 @@ from absl import logging as absl_logging
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from soraax import checkpoints, config as config_lib, diffusion, distributed, flops, packing, sharding, topology
+from soraax import checkpoints, config as config_lib, diffusion, distributed, flops, packing, preemption, sharding
+from soraax import topology
 from soraax.data import pipeline
 from soraax.models import Models, build, build_vae
 from soraax.text.dropout import drop_caption_states, drop_captions
@@ -72,13 +73,30 @@ class Task:
 # ------------------------------------------------------------------------------------------ the step
 
 
+class NonFiniteError(RuntimeError):
+    """The loss or gradients stayed non-finite for `max_nonfinite_steps` steps in a row."""
+
+
+class Preempted(Exception):
+    """The run saved at `step` and stopped because it was asked to (SIGTERM, JAX's preemption notice)."""
+
+    def __init__(self, step: int, workdir: str, reason: str):
+        super().__init__(f"preempted ({reason}) at step {step}: saved a checkpoint in {workdir}; "
+                         "rerun the same command to resume")
+        self.step = step
+
+
 def make_optimizer(cfg, learning_rate: float, total_steps: int):
+    """AdamW with warmup + cosine decay and clipping, inside `optax.apply_if_finite`: a step whose gradients
+    hold a NaN or Inf changes nothing (params, moments, schedule count) and is counted. Its give-up count is
+    never reached (the loop stops the run after `max_nonfinite_steps` skips in a row instead), so NaN
+    updates are never applied."""
     schedule = optax.warmup_cosine_decay_schedule(
         0.0, learning_rate, warmup_steps=min(cfg.warmup_steps, max(total_steps - 1, 0)),
         decay_steps=max(total_steps, cfg.warmup_steps + 1), end_value=0.1 * learning_rate)
     parts = [optax.clip_by_global_norm(cfg.grad_clip)] if cfg.grad_clip > 0 else []
     parts.append(optax.adamw(schedule, b1=0.9, b2=0.99, weight_decay=cfg.weight_decay))
-    return optax.chain(*parts), schedule
+    return optax.apply_if_finite(optax.chain(*parts), max_consecutive_errors=2**30), schedule
 
 
 def make_train_step(loss_fn, tx, schedule, ema_decay: float):
@@ -93,7 +111,9 @@ def make_train_step(loss_fn, tx, schedule, ema_decay: float):
         ema_params = jax.tree_util.tree_map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p,
                                             state.ema_params, params)
         metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads),
-                   "learning_rate": schedule(state.step)}
+                   "learning_rate": schedule(state.step),
+                   # apply_if_finite's counters: skipped steps in a row (the loop's stop rule), and in all.
+                   "nonfinite_streak": opt_state.notfinite_count, "skipped_updates": opt_state.total_notfinite}
         return TrainState(state.step + 1, params, ema_params, opt_state, state.frozen), metrics
     return train_step
 
@@ -305,12 +325,46 @@ class MetricsWriter:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
 
+    def keep_until(self, step: int) -> None:
+        """Drops the records after `step`: a run killed after its last checkpoint logged steps that the
+        resumed run logs again, and the file should read as one uninterrupted run."""
+        if jax.process_index() != 0 or not os.path.isfile(self.path):
+            return
+        with open(self.path) as f:
+            lines = f.readlines()
+        kept = []
+        for line in lines:
+            try:
+                if json.loads(line)["step"] <= step:
+                    kept.append(line)
+            except (ValueError, KeyError, TypeError):  # a line cut short by the kill
+                continue
+        if len(kept) != len(lines):
+            with open(self.path + ".tmp", "w") as f:
+                f.writelines(kept)
+            os.replace(self.path + ".tmp", self.path)
 
-def train(cfg, workdir: str, task: Task, *, show_progress: bool = True, stop_at: int | None = None) -> list[dict]:
+
+def _log_record(step: int, metrics: dict, window: dict, elapsed: float) -> dict:
+    return {"step": step, **{k: float(v) for k, v in metrics.items()},
+            "real_tokens_per_sec": window["real"] / elapsed, "padded_tokens_per_sec": window["slots"] / elapsed,
+            "packing_efficiency": window["real"] / max(window["slots"], 1), "step_time": elapsed / window["steps"]}
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+    return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)]))
+
+
+def train(cfg, workdir: str, task: Task, *, show_progress: bool = True, stop_at: int | None = None,
+          watch: preemption.PreemptionWatch | None = None) -> list[dict]:
     """Runs (or resumes) `task` to its total steps in `workdir`; returns the logged metric records.
 
-    `stop_at` ends this run early at that step with a checkpoint, as a preempted run would; the next
-    call resumes from it and continues the same schedule and batch sequence.
+    `stop_at` ends this run early at that step with a checkpoint; the next call resumes from it and
+    continues the same schedule and batch sequence. On SIGTERM (or `watch.request()`) the run saves at the
+    next step boundary and raises `Preempted`. A step with a non-finite loss or gradient changes nothing
+    and is counted (`skipped_updates`); `max_nonfinite_steps` of them in a row raise `NonFiniteError`,
+    and no checkpoint ever holds non-finite params.
     """
     os.makedirs(workdir, exist_ok=True)
     checkpoints.write_config(workdir, cfg)
@@ -319,9 +373,11 @@ def train(cfg, workdir: str, task: Task, *, show_progress: bool = True, stop_at:
 
     data = iter(task.batches(jax.process_index(), jax.process_count()))
     mngr = checkpoints.manager(workdir, keep=cfg.keep_checkpoints, every=cfg.checkpoint_every)
+    writer = MetricsWriter(workdir, task.name)
     if mngr.latest_step() is not None:
         state = attach_frozen(checkpoints.restore(mngr, abstract, data), task, abstract)
         message = f"[{task.name}] resuming from step {int(state.step)} in {workdir}"
+        writer.keep_until(int(state.step))
     else:
         state = init(jax.random.PRNGKey(cfg.seed))
         message = (f"[{task.name}] starting: {_param_count(abstract):,} params, mesh {dict(mesh.shape)}, "
@@ -329,50 +385,66 @@ def train(cfg, workdir: str, task: Task, *, show_progress: bool = True, stop_at:
     if jax.process_index() == 0:
         print(message, flush=True)
     rng = jax.random.PRNGKey(cfg.seed + 1)
-    writer = MetricsWriter(workdir, task.name)
     records, window = [], {"real": 0, "slots": 0, "steps": 0}
     start = int(state.step)
     progress = tqdm(total=task.total_steps, initial=start, desc=f"train {task.name}", unit="step",
                     disable=not show_progress or jax.process_index() != 0, dynamic_ncols=True)
+    patience = int(cfg.get("max_nonfinite_steps", 20))
+    previous_streak, last_saved, preempted = None, start, False
+    end = task.total_steps if stop_at is None else min(stop_at, task.total_steps)
     tick = time.perf_counter()
-    with sharding.rules_context(mesh):
-        end = task.total_steps if stop_at is None else min(stop_at, task.total_steps)
-        for step in range(start, end):
-            host_batch = next(data)
-            real, slots = task.token_counts(host_batch)
-            batch = _global_batch(host_batch, task.batch_specs, mesh)
-            if step == start and jax.process_count() > 1:
-                # Each host's pipeline compiles its own clip shapes, so processes reach the first step far
-                # apart, and gloo (CPU) fails a first collective whose processes arrive 30 s apart:
-                # compile (the call below reuses it), then meet.
-                step_fn.lower(state, batch, rng).compile()
-                distributed.meet(f"{task.name}: first step {step}")
-            state, metrics = step_fn(state, batch, rng)
-            window["real"] += real * jax.process_count()
-            window["slots"] += slots * jax.process_count()
-            window["steps"] += 1
-            done = step + 1
-            if done % cfg.log_every == 0 or done == task.total_steps:
-                metrics = jax.device_get(metrics)  # waits for this step; the window's time is then honest
-                now = time.perf_counter()
-                elapsed, tick = now - tick, now
-                record = {"step": done, **{k: float(v) for k, v in metrics.items()},
-                          "real_tokens_per_sec": window["real"] / elapsed,
-                          "padded_tokens_per_sec": window["slots"] / elapsed,
-                          "packing_efficiency": window["real"] / max(window["slots"], 1),
-                          "step_time": elapsed / window["steps"]}
-                records.append(record)
-                writer.write(record)
-                progress.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['real_tokens_per_sec']:.0f}")
-                window = {"real": 0, "slots": 0, "steps": 0}
-            if done % cfg.checkpoint_every == 0 or done == end:
-                checkpoints.save(mngr, done, state, data, force=True)
-            progress.update(1)
-    progress.close()
-    if hasattr(data, "close"):
-        data.close()  # stop prefetch threads and worker processes now, not at interpreter exit
-    mngr.wait_until_finished()
-    mngr.close()
+    try:
+        with sharding.rules_context(mesh), (watch or preemption.PreemptionWatch()) as watch:
+            for step in range(start, end):
+                host_batch = next(data)
+                real, slots = task.token_counts(host_batch)
+                batch = _global_batch(host_batch, task.batch_specs, mesh)
+                if step == start and jax.process_count() > 1:
+                    # Each host's pipeline compiles its own clip shapes, so processes reach the first step far
+                    # apart, and gloo (CPU) fails a first collective whose processes arrive 30 s apart:
+                    # compile (the call below reuses it), then meet.
+                    step_fn.lower(state, batch, rng).compile()
+                    distributed.meet(f"{task.name}: first step {step}")
+                state, metrics = step_fn(state, batch, rng)
+                # The previous step's streak, read while this step runs (no stall): a run stops at most one
+                # step after its patience is spent, its updates skipped all along.
+                if previous_streak is not None and int(previous_streak) >= patience:
+                    raise NonFiniteError(
+                        f"[{task.name}] step {step}: the loss or gradients were non-finite for "
+                        f"{int(previous_streak)} steps in a row (their updates were skipped); stopping. The last "
+                        f"checkpoint (step {last_saved}) holds finite params: lower learning_rate, check the "
+                        f"data, or raise max_nonfinite_steps")
+                previous_streak = metrics["nonfinite_streak"]
+                window["real"] += real * jax.process_count()
+                window["slots"] += slots * jax.process_count()
+                window["steps"] += 1
+                done = step + 1
+                if done % cfg.log_every == 0 or done == task.total_steps:
+                    metrics = jax.device_get(metrics)  # waits for this step; the window's time is then honest
+                    now = time.perf_counter()
+                    record = _log_record(done, metrics, window, now - tick)
+                    tick, window = now, {"real": 0, "slots": 0, "steps": 0}
+                    records.append(record)
+                    writer.write(record)
+                    progress.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['real_tokens_per_sec']:.0f}")
+                preempted = watch.should_stop(done)
+                if done % cfg.checkpoint_every == 0 or done == end or preempted:
+                    if not bool(_all_finite(state.params)):
+                        raise NonFiniteError(f"[{task.name}] step {done}: the params are not finite; not saving "
+                                             f"them over the last checkpoint (step {last_saved})")
+                    checkpoints.save(mngr, done, state, data, force=True)
+                    last_saved = done
+                progress.update(1)
+                if preempted:
+                    break
+    finally:
+        progress.close()
+        if hasattr(data, "close"):
+            data.close()  # stop prefetch threads and worker processes now, not at interpreter exit
+        mngr.wait_until_finished()  # a save in flight completes: the last checkpoint is whole
+        mngr.close()
+    if preempted:
+        raise Preempted(last_saved, workdir, watch.signal_name)
     return records
 
 
@@ -502,7 +574,8 @@ def main(argv):
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs every save step at INFO
     # Each clip shape compiles its own VAE encode; a persistent cache makes reruns start at once.
-    jax.config.update("jax_compilation_cache_dir", os.path.expanduser("~/.cache/soraax/jax"))
+    if not jax.config.jax_compilation_cache_dir:  # $JAX_COMPILATION_CACHE_DIR, when set, wins
+        jax.config.update("jax_compilation_cache_dir", os.path.expanduser("~/.cache/soraax/jax"))
     cfg = _CONFIG.value
     if cfg is None:
         raise app.UsageError("--config is required, e.g. --config configs/tiny.py")
@@ -538,9 +611,16 @@ def main(argv):
                     print(json.dumps(info, indent=2))
                 return
             run(cfg, _WORKDIR.value)
+        except Preempted as stop:  # a clean stop: the scheduler may restart the same command
+            if setup.process_index == 0:
+                print(stop, flush=True)
+            return
         except (config_lib.ConfigError, FileNotFoundError) as error:
             print(f"error: {error}", file=sys.stderr)
             sys.exit(2)
+        except NonFiniteError as error:
+            print(f"error: {error}", file=sys.stderr)
+            sys.exit(1)
 
 
 if __name__ == "__main__":
