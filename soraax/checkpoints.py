@@ -53,6 +53,17 @@ def restore(mngr: ocp.CheckpointManager, abstract_state, data_iterator=None, ste
     return mngr.restore(step, args=ocp.args.Composite(**items))["state"]
 
 
+def restore_weights(mngr: ocp.CheckpointManager, abstract_state, fields=("ema_params",), step: int | None = None):
+    """{"step", *fields} of the checkpoint at `step` (default: latest), placed by `abstract_state`'s
+    shardings; nothing else is read. Sampling and a frozen VAE need params only: the optimizer's moments
+    (twice the params again) stay on disk, and a checkpoint from another optimizer setup still loads."""
+    step = mngr.latest_step() if step is None else step
+    item = {"step": abstract_state.step, **{field: getattr(abstract_state, field) for field in fields}}
+    args = ocp.args.PyTreeRestore(item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+                                  partial_restore=True)
+    return mngr.restore(step, args=ocp.args.Composite(state=args))["state"]
+
+
 def check_data_hosts(data_dir, process_count: int) -> None:
     """Raises unless the iterator states in `data_dir` were saved by `process_count` processes.
 

@@ -2,19 +2,24 @@
 
 Configs are Python files whose `get_config()` returns an `ml_collections.ConfigDict`; command lines
 override keys with `--config.KEY=VALUE` (ml_collections refuses unknown keys and wrong types itself).
-`validate` checks what the types cannot: ranges, choices and how keys fit together.
+`validate` checks what those rules let through (None, bools for ints, nan, tuples of the wrong length)
+and what types cannot say: ranges, choices, how keys fit together and, given a device count, the mesh.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import math
+import numbers
 import os
 
 import ml_collections
 
+from soraax import sharding
 from soraax.attention import IMPLS
 from soraax.dit import REMAT_POLICIES
 from soraax.sharding import MESH_AXES
+from soraax.vae import stage_plan  # the one statement of how widths follow from the factors
 
 TASKS = ("dit", "vae")
 SOURCES = ("synthetic", "folder", "tfds")
@@ -29,7 +34,11 @@ class ConfigError(ValueError):
 
 
 def load(path: str, overrides: dict | None = None) -> ml_collections.ConfigDict:
-    """Reads `get_config()` from a config file and applies `{"a.b": value}` overrides (for scripts/tests)."""
+    """Reads `get_config()` from a config file and applies `{"a.b": value}` overrides (for scripts/tests).
+
+    An override must name an existing key and keep its type (ml_collections' rule, as on the command line);
+    either mistake is a ConfigError naming the key.
+    """
     if not os.path.isfile(path):
         raise ConfigError(f"config file {path!r} does not exist")
     spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
@@ -39,16 +48,28 @@ def load(path: str, overrides: dict | None = None) -> ml_collections.ConfigDict:
         raise ConfigError(f"config file {path!r} has no get_config()")
     cfg = module.get_config()
     for key, value in (overrides or {}).items():
-        parent, _, leaf = key.rpartition(".")
-        node = cfg
-        for part in filter(None, parent.split(".")):
-            if part not in node:
-                raise ConfigError(f"unknown config key {key!r}")
-            node = node[part]
-        if leaf not in node:
-            raise ConfigError(f"unknown config key {key!r}")
-        node[leaf] = value
+        _override(cfg, key, value)
     return cfg
+
+
+def _override(cfg: ml_collections.ConfigDict, key: str, value) -> None:
+    parent, _, leaf = key.rpartition(".")
+    node = cfg
+    for part in filter(None, parent.split(".")):
+        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+            raise ConfigError(f"unknown config key {key!r}")
+        node = node[part]
+    if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
+        raise ConfigError(f"unknown config key {key!r}")
+    old = node[leaf]
+    if isinstance(old, ml_collections.ConfigDict):
+        raise ConfigError(f"config.{key} is a group of keys; override them one at a time, "
+                          f"e.g. config.{key}.{next(iter(old.keys()), 'KEY')}=...")
+    try:
+        node[leaf] = value
+    except (TypeError, ValueError) as error:  # ml_collections keeps each key's type
+        raise ConfigError(f"config.{key}: {value!r} ({type(value).__name__}) cannot replace {old!r} "
+                          f"({type(old).__name__})") from error
 
 
 def _require(ok: bool, key: str, message: str):
@@ -56,26 +77,97 @@ def _require(ok: bool, key: str, message: str):
         raise ConfigError(f"config.{key}: {message}")
 
 
-def _positive(cfg, key: str):
+# ------------------------------------------------------------------------------------- typed reads
+
+_REQUIRED = object()
+
+
+def _value(cfg, key: str, default=_REQUIRED):
     node = cfg
     for part in key.split("."):
+        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+            _require(default is not _REQUIRED, key, "is missing; the config file must set it (see configs/tiny.py)")
+            return default
         node = node[part]
-    _require(isinstance(node, (int, float)) and node > 0, key, f"must be > 0, got {node!r}")
+    return node
+
+
+def _is_int(value) -> bool:
+    # A bool is an int to Python, but `seq_len=True` is a typo, not 1.
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _int(cfg, key: str, minimum: int = 1, default=_REQUIRED) -> int:
+    value = _value(cfg, key, default)
+    _require(_is_int(value), key, f"must be an int, got {value!r}")
+    _require(value >= minimum, key, f"must be {'> 0' if minimum == 1 else f'>= {minimum}'}, got {value}")
+    return int(value)
+
+
+def _number(cfg, key: str, low: float = -math.inf, high: float = math.inf, *, low_open: bool = False,
+            high_open: bool = False, default=_REQUIRED) -> float:
+    """A finite real in the interval; nan and inf are refused everywhere (nan compares False to any bound)."""
+    value = _value(cfg, key, default)
+    real = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    _require(real and (_is_int(value) or math.isfinite(value)), key, f"must be a finite number, got {value!r}")
+    inside = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+    if high == math.inf:
+        interval = f"{'>' if low_open else '>='} {low:g}"
+    else:
+        interval = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    _require(inside, key, f"must be {interval}, got {value!r}")
+    return float(value)
+
+
+def _choice(cfg, key: str, choices, default=_REQUIRED) -> str:
+    value = _value(cfg, key, default)
+    _require(isinstance(value, str) and value in choices, key, f"must be one of {tuple(choices)}, got {value!r}")
+    return value
+
+
+def _bool(cfg, key: str, default=_REQUIRED) -> bool:
+    value = _value(cfg, key, default)
+    _require(isinstance(value, bool), key, f"must be True or False, got {value!r}")
+    return value
+
+
+def _text(cfg, key: str, default=_REQUIRED) -> str:
+    value = _value(cfg, key, default)
+    _require(isinstance(value, str), key, f"must be a str ('' for none), got {value!r}")
+    return value
+
+
+def _ints(cfg, key: str, length: int | None, what: str) -> tuple[int, ...]:
+    """A tuple (or list) of positive ints, of `length` if given."""
+    value = _value(cfg, key)
+    ok = (isinstance(value, (tuple, list)) and len(value) >= 1 and (length is None or len(value) == length)
+          and all(_is_int(v) and v >= 1 for v in value))
+    _require(ok, key, f"must be {what}, got {tuple(value) if isinstance(value, (tuple, list)) else value!r}")
+    return tuple(int(v) for v in value)
+
+
+# ------------------------------------------------------------------------------------------ checks
+
+_POSITIVE_INTS = (
+    "total_steps", "batch_size", "seq_len", "text_len", "max_segments", "log_every", "checkpoint_every",
+    "keep_checkpoints", "model.width", "model.depth", "model.heads", "model.text_width", "model.text_depth",
+    "model.text_heads", "vae.train_steps", "vae.batch_size", "vae.latent_channels", "vae.num_res_blocks",
+    "vae.norm_groups", "vae.spatial_factor", "vae.temporal_factor", "data.max_frames", "data.packing_bins",
+    "data.num_examples", "diffusion.base_tokens", "diffusion.sample_steps")
 
 
 def _validate_text_encoder(cfg) -> None:
     """The text encoder a config names exists and fits the text row: checked from its config and headers
     (nothing is read but them), so a missing package or folder is one line, before anything compiles."""
     m = cfg.model
-    kind = m.get("text_encoder", "bytes")
-    _require(kind in TEXT_ENCODERS, "model.text_encoder", f"must be one of {TEXT_ENCODERS}, got {kind!r}")
-    _require(isinstance(m.get("text_cache", False), bool), "model.text_cache", "must be True or False")
-    path = m.get("text_encoder_path", "")
+    kind = _choice(cfg, "model.text_encoder", TEXT_ENCODERS, default="bytes")
+    text_cache = _bool(cfg, "model.text_cache", default=False)
+    path = _text(cfg, "model.text_encoder_path", default="")
     _require(not path or os.path.isdir(path), "model.text_encoder_path", f"folder {path!r} does not exist")
     if kind == "bytes":
         _require(not path, "model.text_encoder_path",
                  "is for a pretrained encoder (model.text_encoder 'bert' or 't5'); the byte encoder has no weights")
-        _require(not m.get("text_cache", False), "model.text_cache",
+        _require(not text_cache, "model.text_cache",
                  "caches a frozen encoder's states; the byte encoder is trained with the DiT")
         return
     from soraax.text.encoders import build_text_model
@@ -89,72 +181,143 @@ def _validate_text_encoder(cfg) -> None:
              f"{cfg.text_len} text tokens a row exceed the {kind} encoder's {limit} positions")
 
 
-def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """Raises ConfigError naming the first key that cannot work; returns cfg unchanged otherwise."""
-    _require(cfg.task in TASKS, "task", f"must be one of {TASKS}, got {cfg.task!r}")
-    for key in ("total_steps", "batch_size", "seq_len", "text_len", "max_segments", "learning_rate",
-                "log_every", "checkpoint_every", "keep_checkpoints", "model.width", "model.depth",
-                "model.heads", "model.text_width", "model.text_depth", "model.text_heads",
-                "vae.train_steps", "vae.batch_size", "vae.learning_rate", "data.token_budget",
-                "data.max_frames", "data.packing_bins", "diffusion.base_tokens", "diffusion.sample_steps"):
-        _positive(cfg, key)
-    _require(cfg.warmup_steps >= 0, "warmup_steps", f"must be >= 0, got {cfg.warmup_steps}")
-    _require(0.0 <= cfg.ema_decay < 1.0, "ema_decay", f"must be in [0, 1), got {cfg.ema_decay}")
-    _require(cfg.grad_clip >= 0, "grad_clip", "must be >= 0 (0 disables clipping)")
+def _validate_types_and_ranges(cfg) -> None:
+    """Every key the code reads holds a value of its type in its range (None is never one)."""
+    _choice(cfg, "task", TASKS)
+    seed = _int(cfg, "seed", minimum=0)
+    _require(seed < 2**32, "seed", f"must be < 2**32 (Grain's seeds are 32-bit), got {seed}")
+    for key in _POSITIVE_INTS:
+        _int(cfg, key)
+    _int(cfg, "max_nonfinite_steps", default=20)
+    _int(cfg, "warmup_steps", minimum=0)
+    _int(cfg, "data.workers", minimum=0)
+    budget = _value(cfg, "data.token_budget")
+    _require(_is_int(budget) and budget >= 1, "data.token_budget",
+             f"must be an int >= 1 (a clip costs at least one patch, one token), got {budget!r}")
+    for key in ("learning_rate", "vae.learning_rate", "model.mlp_ratio", "diffusion.t_std"):
+        _number(cfg, key, 0.0, low_open=True)
+    for key in ("weight_decay", "vae.kl_weight"):
+        _number(cfg, key, 0.0)
+    grad_clip = _value(cfg, "grad_clip")
+    _require(isinstance(grad_clip, numbers.Real) and not isinstance(grad_clip, bool) and grad_clip >= 0
+             and (_is_int(grad_clip) or math.isfinite(grad_clip)), "grad_clip",
+             f"must be >= 0 (0 disables clipping), got {grad_clip!r}")
+    _number(cfg, "ema_decay", 0.0, 1.0, high_open=True)
+    _number(cfg, "diffusion.text_dropout", 0.0, 1.0, high_open=True)
+    _number(cfg, "data.detailed_caption_rate", 0.0, 1.0)
+    for key in ("diffusion.t_mean", "diffusion.guidance"):
+        _number(cfg, key)
+    _bool(cfg, "model.scan_layers")
+    _bool(cfg, "model.pooled_text", default=False)
+    for key in ("data.manifest", "data.tfds_dir", "data.tfds_name", "vae.checkpoint"):
+        _text(cfg, key)
+
+
+def _validate_mesh(cfg) -> None:
+    sizes = {}
     for axis in MESH_AXES:
-        size = cfg.mesh[axis]
-        _require(isinstance(size, int) and (size >= 1 or size == -1), f"mesh.{axis}",
+        size = sizes[axis] = _value(cfg, f"mesh.{axis}")
+        _require(_is_int(size) and (size >= 1 or size == -1), f"mesh.{axis}",
                  f"must be a positive int or -1 (the rest of the devices), got {size!r}")
+    _require(list(sizes.values()).count(-1) <= 1, "mesh",
+             f"at most one axis may be -1 (the rest of the devices), got {sizes}")
     if "dcn" in cfg.mesh:
         for axis in MESH_AXES:
-            size = cfg.mesh.dcn[axis]
-            _require(isinstance(size, int) and size >= 1, f"mesh.dcn.{axis}",
+            size = _value(cfg, f"mesh.dcn.{axis}")
+            _require(_is_int(size) and size >= 1, f"mesh.dcn.{axis}",
                      f"must be a positive int (slices this axis spans), got {size!r}")
+
+
+def validate_devices(cfg, num_devices: int) -> tuple[int, ...]:
+    """The mesh's axis sizes on `num_devices` devices; ConfigError if config.mesh cannot use exactly
+    them or the batch rows (the DiT's, and the VAE's if this run trains one) do not split over its data x
+    fsdp axes. A validated config is assumed."""
+    dcn = sharding.dcn_shape(cfg.mesh)
+    slices = math.prod(dcn)
+    _require(num_devices % slices == 0, "mesh.dcn",
+             f"{dict(zip(MESH_AXES, dcn))} spans {slices} slices, which do not divide the {num_devices} devices")
+    try:
+        per_slice = sharding.mesh_shape(cfg.mesh, num_devices // slices)
+    except ValueError as error:  # its message starts "config.mesh"
+        raise ConfigError(f"{error} (set config.mesh.* to sizes whose product is the device count, "
+                          "or one of them to -1)") from error
+    shape = tuple(a * b for a, b in zip(per_slice, dcn))
+    axes = dict(zip(MESH_AXES, shape))
+    splits = axes["data"] * axes["fsdp"]
+    batches = ["batch_size"] if cfg.task == "dit" else []
+    if cfg.task == "vae" or not cfg.vae.checkpoint:  # a DiT config without a VAE trains one first
+        batches.append("vae.batch_size")
+    for key in batches:
+        rows = _value(cfg, key)
+        _require(rows % splits == 0, key, f"{rows} rows do not split over data x fsdp = {splits} devices of mesh "
+                 f"{axes}; use a multiple of {splits}")
+    return shape
+
+
+def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> ml_collections.ConfigDict:
+    """Raises ConfigError naming the first key that cannot work; returns cfg unchanged otherwise.
+
+    With `num_devices` (a training run passes jax.device_count()) also checks that config.mesh fits
+    exactly that many devices; without it only what holds on any machine (a TPU topology compiled from
+    a CPU host has devices of its own).
+    """
+    _validate_types_and_ranges(cfg)
+    _validate_mesh(cfg)
     m = cfg.model
-    _require(m.attn_impl in IMPLS, "model.attn_impl", f"must be one of {IMPLS}, got {m.attn_impl!r}")
-    _require(m.remat_policy in REMAT_POLICIES, "model.remat_policy",
-             f"must be one of {tuple(REMAT_POLICIES)}, got {m.remat_policy!r}")
-    _require(m.dtype in DTYPES, "model.dtype", f"must be one of {DTYPES}, got {m.dtype!r}")
+    _choice(cfg, "model.attn_impl", IMPLS)
+    _choice(cfg, "model.remat_policy", tuple(REMAT_POLICIES))
+    _choice(cfg, "model.dtype", DTYPES)
     _require(m.width % m.heads == 0, "model.width", f"{m.width} is not divisible by model.heads={m.heads}")
     head_dim = m.width // m.heads
     _require(head_dim % 2 == 0 and head_dim >= 6, "model.heads",
              f"width/heads = {head_dim} must be even and >= 6 for 3D rotary embeddings")
+    _require(int(m.width * m.mlp_ratio) >= 1, "model.mlp_ratio",
+             f"model.width * mlp_ratio = {m.width * m.mlp_ratio:g} leaves the MLP without a unit")
     _require(m.text_width % m.text_heads == 0, "model.text_width",
              f"{m.text_width} is not divisible by model.text_heads={m.text_heads}")
+    _require(cfg.text_len >= 2, "text_len", f"must hold at least a caption's BOS and EOS (>= 2), got {cfg.text_len}")
+    _require(cfg.max_segments <= cfg.seq_len, "max_segments",
+             f"{cfg.max_segments} clips a row cannot fit seq_len={cfg.seq_len} tokens (a clip takes at least one)")
     _validate_text_encoder(cfg)
-    _require(len(m.patch_size) == 3 and all(int(p) >= 1 for p in m.patch_size), "model.patch_size",
-             f"must be three positive ints (time, height, width), got {tuple(m.patch_size)}")
+    _ints(cfg, "model.patch_size", 3, "three positive ints (time, height, width)")
     v = cfg.vae
     for key in ("spatial_factor", "temporal_factor"):
         f = v[key]
         _require(f >= 1 and f & (f - 1) == 0, f"vae.{key}", f"must be a power of two, got {f}")
-    patch = v.get("patch_size", 1)
-    _require(isinstance(patch, int) and patch >= 1 and patch & (patch - 1) == 0 and patch <= v.spatial_factor,
+    patch = _value(cfg, "vae.patch_size", 1)
+    _require(_is_int(patch) and patch >= 1 and patch & (patch - 1) == 0 and patch <= v.spatial_factor,
              "vae.patch_size", f"must be a power of two <= vae.spatial_factor={v.spatial_factor}, got {patch!r}")
-    _require(v.get("norm", "group") in VAE_NORMS, "vae.norm", f"must be one of {VAE_NORMS}, got {v.get('norm')!r}")
-    _require(not v.get("shortcuts", False) or v.latent_channels >= 3, "vae.shortcuts",
+    norm = _choice(cfg, "vae.norm", VAE_NORMS, default="group")
+    shortcuts = _bool(cfg, "vae.shortcuts", default=False)
+    _require(not shortcuts or v.latent_channels >= 3, "vae.shortcuts",
              f"the pixel shortcut needs vae.latent_channels >= 3, got {v.latent_channels}")
-    if v.get("shortcuts", False):
-        sizes = [*v.widths, v.latent_channels]
+    widths = _ints(cfg, "vae.widths", None, "a tuple of positive ints (channels per resolution level)")
+    if shortcuts:
+        sizes = [*widths, v.latent_channels]
         _require(all(a % b == 0 or b % a == 0 for a, b in zip(sizes, sizes[1:])), "vae.widths",
-                 f"with vae.shortcuts each of widths {tuple(v.widths)} and then latent_channels={v.latent_channels} "
+                 f"with vae.shortcuts each of widths {widths} and then latent_channels={v.latent_channels} "
                  "must divide its neighbour or be a multiple of it (shortcuts average or repeat channels)")
-    _require(len(v.crop) == 3, "vae.crop", f"must be (frames, height, width), got {tuple(v.crop)}")
-    _require((v.crop[0] - 1) % v.temporal_factor == 0, "vae.crop",
-             f"frames {v.crop[0]} must be 1 + {v.temporal_factor}*n")
-    _require(v.crop[1] % v.spatial_factor == 0 and v.crop[2] % v.spatial_factor == 0, "vae.crop",
+    try:
+        stage_plan(widths, v.spatial_factor, v.temporal_factor, patch)
+    except ValueError as error:
+        raise ConfigError(f"config.vae.widths: {error}") from error
+    _require(norm != "group" or all(w % v.norm_groups == 0 for w in widths), "vae.norm_groups",
+             f"GroupNorm needs every width of vae.widths={widths} divisible by norm_groups={v.norm_groups}")
+    crop = _ints(cfg, "vae.crop", 3, "(frames, height, width)")
+    _require((crop[0] - 1) % v.temporal_factor == 0, "vae.crop",
+             f"frames {crop[0]} must be 1 + {v.temporal_factor}*n")
+    _require(crop[1] % v.spatial_factor == 0 and crop[2] % v.spatial_factor == 0, "vae.crop",
              f"height and width must be multiples of vae.spatial_factor={v.spatial_factor}")
     d = cfg.data
-    _require(d.source in SOURCES, "data.source", f"must be one of {SOURCES}, got {d.source!r}")
+    _choice(cfg, "data.source", SOURCES)
     _require(d.source != "folder" or bool(d.manifest), "data.manifest", "is required when data.source='folder'")
     _require(d.source != "folder" or os.path.isfile(d.manifest), "data.manifest",
              f"file {d.manifest!r} does not exist")
     _require(d.source != "tfds" or bool(d.tfds_dir and d.tfds_name), "data.tfds_dir",
              "data.tfds_dir and data.tfds_name are required when data.source='tfds'")
-    _require(d.packing in PACKERS, "data.packing", f"must be one of {PACKERS}, got {d.packing!r}")
-    _require(0.0 <= d.detailed_caption_rate <= 1.0, "data.detailed_caption_rate", "must be in [0, 1]")
-    _require(0.0 <= cfg.diffusion.text_dropout < 1.0, "diffusion.text_dropout", "must be in [0, 1)")
-    _require(d.workers >= 0, "data.workers", "must be >= 0")
+    _choice(cfg, "data.packing", PACKERS)
     _require(d.token_budget <= cfg.seq_len, "data.token_budget",
              f"{d.token_budget} tokens a clip cannot fit a packed row of seq_len={cfg.seq_len}")
+    if num_devices is not None:
+        validate_devices(cfg, num_devices)
     return cfg

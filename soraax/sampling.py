@@ -172,14 +172,15 @@ def load_run(workdir: str, use_ema: bool = True, step: int | None = None) -> Run
             raise FileNotFoundError(f"{workdir} has no checkpoint at step {step}; it has steps {sorted(steps)}")
         mesh = sharding.make_mesh(cfg.mesh)
         _, _, abstract = train.create_state(cfg, train.dit_task(cfg), mesh)
-        state = checkpoints.restore(mngr, abstract, step=step)
+        field = "ema_params" if use_ema else "params"
+        state = checkpoints.restore_weights(mngr, abstract, fields=(field,), step=step)
     finally:
         mngr.close()
     vae_dir = cfg.vae.checkpoint or os.path.join(workdir, "vae")
     vae_params = train.load_vae_params(cfg, vae_dir)
     latent_mean, latent_std = train.vae_latent_stats(cfg, vae_dir)
     models = build(cfg, latent_mean, latent_std)
-    params = dict(state.ema_params if use_ema else state.params)
+    params = dict(state[field])
     if models.text.frozen:  # a pretrained encoder: from its own folder, never from the run's checkpoints
         params["text"] = jax.device_put(frozen_params(models.text))
     return Run(workdir=workdir, cfg=cfg, models=models, params=params, vae_params=vae_params, step=int(step),

@@ -390,6 +390,7 @@ def train(cfg, workdir: str, task: Task, *, show_progress: bool = True, stop_at:
     progress = tqdm(total=task.total_steps, initial=start, desc=f"train {task.name}", unit="step",
                     disable=not show_progress or jax.process_index() != 0, dynamic_ncols=True)
     patience = int(cfg.get("max_nonfinite_steps", 20))
+    data_start = pipeline.skip_summary()  # counts are per process: this run's start
     previous_streak, last_saved, preempted = None, start, False
     end = task.total_steps if stop_at is None else min(stop_at, task.total_steps)
     tick = time.perf_counter()
@@ -423,6 +424,7 @@ def train(cfg, workdir: str, task: Task, *, show_progress: bool = True, stop_at:
                     metrics = jax.device_get(metrics)  # waits for this step; the window's time is then honest
                     now = time.perf_counter()
                     record = _log_record(done, metrics, window, now - tick)
+                    record.update({f"data_{k}": v for k, v in pipeline.skip_summary(since=data_start).items()})
                     tick, window = now, {"real": 0, "slots": 0, "steps": 0}
                     records.append(record)
                     writer.write(record)
@@ -443,6 +445,9 @@ def train(cfg, workdir: str, task: Task, *, show_progress: bool = True, stop_at:
             data.close()  # stop prefetch threads and worker processes now, not at interpreter exit
         mngr.wait_until_finished()  # a save in flight completes: the last checkpoint is whole
         mngr.close()
+    if jax.process_index() == 0:
+        print(f"[{task.name}] data: {pipeline.format_skip_summary(pipeline.skip_summary(since=data_start))}",
+              flush=True)
     if preempted:
         raise Preempted(last_saved, workdir, watch.signal_name)
     return records
@@ -480,9 +485,10 @@ def load_vae_params(cfg, vae_dir: str, use_ema: bool = True):
     if mngr.latest_step() is None:
         raise FileNotFoundError(f"no VAE checkpoint in {vae_dir}: train one with "
                                 f"python -m soraax.train --config configs/vae_tiny.py --workdir {vae_dir}")
-    state = checkpoints.restore(mngr, abstract)
+    field = "ema_params" if use_ema else "params"
+    weights = checkpoints.restore_weights(mngr, abstract, fields=(field,))
     mngr.close()
-    return state.ema_params if use_ema else state.params
+    return weights[field]
 
 
 def ensure_vae(cfg, workdir: str) -> str:
@@ -499,7 +505,7 @@ def ensure_vae(cfg, workdir: str) -> str:
 
 
 def run(cfg, workdir: str) -> list[dict]:
-    config_lib.validate(cfg)
+    config_lib.validate(cfg, num_devices=jax.device_count())
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         raise config_lib.ConfigError(f"--workdir {workdir} is a file, not a folder")
     if cfg.task == "vae":
@@ -536,7 +542,7 @@ def lower_step(cfg, mesh):
 def describe(cfg, *, compile_step: bool) -> dict:
     """Param count, FLOPs per token, batch and mesh of the step, from shapes alone (nothing allocated);
     with `compile_step` also XLA's compiled memory use."""
-    config_lib.validate(cfg)
+    config_lib.validate(cfg, num_devices=jax.device_count())
     mesh = sharding.make_mesh(cfg.mesh)
     lowered, abstract, tokens = lower_step(cfg, mesh)
     batch = _abstract_batch(cfg)

@@ -320,7 +320,7 @@ def match_channels(x_BxTxHxWxC, channels: int):
     raise ValueError(f"a shortcut cannot map {c} channels to {channels}: one must divide the other")
 
 
-def _stage_plan(widths: Sequence[int], spatial_factor: int, temporal_factor: int,
+def stage_plan(widths: Sequence[int], spatial_factor: int, temporal_factor: int,
                 patch_size: int = 1) -> list[tuple[bool, bool]]:
     """(spatial, temporal) for each of the len(widths)-1 resolution changes; time is compressed at the
     high-resolution stages first, where halving the frames saves the most compute. The input patch
@@ -374,7 +374,7 @@ class Encoder(nn.Module):
 
     @nn.compact
     def __call__(self, video_BxTxHxWx3):
-        plan = _stage_plan(self.widths, self.spatial_factor, self.temporal_factor, self.patch_size)
+        plan = stage_plan(self.widths, self.spatial_factor, self.temporal_factor, self.patch_size)
         x = space_to_depth(_constrain(video_BxTxHxWx3.astype(self.dtype)), self.patch_size)
         x = CausalConv3d(self.widths[0], dtype=self.dtype)(x)
         for level, width in enumerate(self.widths):
@@ -412,7 +412,7 @@ class Decoder(nn.Module):
 
     @nn.compact
     def __call__(self, z_BxtxhxwxC):
-        plan = _stage_plan(self.widths, self.spatial_factor, self.temporal_factor, self.patch_size)
+        plan = stage_plan(self.widths, self.spatial_factor, self.temporal_factor, self.patch_size)
         z = _constrain(z_BxtxhxwxC.astype(self.dtype))
         x = CausalConv3d(self.widths[-1], dtype=self.dtype)(z)
         if self.shortcuts:
@@ -461,7 +461,7 @@ class VideoVAE(nn.Module):
     dtype: Any = jnp.float32
 
     def setup(self):
-        _stage_plan(self.widths, self.spatial_factor, self.temporal_factor, self.patch_size)
+        stage_plan(self.widths, self.spatial_factor, self.temporal_factor, self.patch_size)
         bad = [w for w in self.widths if w % self.norm_groups]
         if bad:
             raise ValueError(f"norm_groups={self.norm_groups} must divide every width; widths {bad} of "

@@ -31,6 +31,28 @@ def test_every_shipped_config_loads_and_validates(path):
     ("vae.patch_size", 8, "config.vae.patch_size: must be a power of two <= vae.spatial_factor=4"),
     ("vae.latent_channels", 2, "config.vae.shortcuts: the pixel shortcut needs vae.latent_channels >= 3"),
     ("vae.widths", (8, 12, 32), "config.vae.widths: with vae.shortcuts each of widths (8, 12, 32)"),
+    # What ml_collections' type rule lets through: None, bools for ints, nan and inf, lists and tuples.
+    ("seq_len", None, "config.seq_len: must be an int, got None"),
+    ("seq_len", True, "config.seq_len: must be an int, got True"),
+    ("learning_rate", float("nan"), "config.learning_rate: must be a finite number, got nan"),
+    ("grad_clip", float("inf"), "config.grad_clip: must be >= 0 (0 disables clipping), got inf"),
+    ("ema_decay", float("nan"), "config.ema_decay: must be a finite number"),
+    ("model.patch_size", (1, 2), "config.model.patch_size: must be three positive ints (time, height, width)"),
+    ("model.patch_size", ("a", 2, 2), "config.model.patch_size: must be three positive ints"),
+    ("model.patch_size", [1, 2.5, 2], "config.model.patch_size: must be three positive ints"),
+    ("vae.crop", (5, 32), "config.vae.crop: must be (frames, height, width), got (5, 32)"),
+    ("vae.crop", (5, 32, 32, 1), "config.vae.crop: must be (frames, height, width)"),
+    ("vae.widths", (8, 16), "config.vae.widths: widths (8, 16) has 2 levels"),
+    ("vae.spatial_factor", 8, "config.vae.widths: widths (8, 16, 32) has 3 levels, but spatial_factor=8"),
+    ("mesh.data", None, "config.mesh.data: must be a positive int or -1"),
+    ("mesh.fsdp", -1, "config.mesh: at most one axis may be -1"),
+    ("seed", 2**32, "config.seed: must be < 2**32"),
+    ("seed", -1, "config.seed: must be >= 0"),
+    ("text_len", 1, "config.text_len: must hold at least a caption's BOS and EOS"),
+    ("max_segments", 10_000, "config.max_segments: 10000 clips a row cannot fit seq_len=384"),
+    ("data.token_budget", 0, "config.data.token_budget: must be an int >= 1 (a clip costs at least one patch"),
+    ("data.manifest", None, "config.data.manifest: must be a str"),
+    ("model.scan_layers", None, "config.model.scan_layers: must be True or False"),
 ])
 def test_bad_values_name_their_key(key, value, message):
     with pytest.raises(config.ConfigError, match=re.escape(message)):
@@ -40,6 +62,43 @@ def test_bad_values_name_their_key(key, value, message):
 def test_unknown_key_is_refused():
     with pytest.raises(config.ConfigError, match="unknown config key 'model.widht'"):
         config.load(TINY, {"model.widht": 3})
+    with pytest.raises(config.ConfigError, match="unknown config key 'seed.x'"):
+        config.load(TINY, {"seed.x": 3})  # through a key that is not a group
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("seq_len", "abc", "config.seq_len: 'abc' (str) cannot replace 384 (int)"),
+    ("seq_len", 1.5, "config.seq_len: 1.5 (float) cannot replace 384 (int)"),
+    ("vae.crop", 5, "config.vae.crop: 5 (int) cannot replace (5, 32, 32) (tuple)"),
+    ("model", {"width": 3}, "config.model is a group of keys; override them one at a time"),
+    ("mesh", 3, "config.mesh is a group of keys"),
+])
+def test_an_override_of_another_type_is_refused_with_its_key(key, value, message):
+    with pytest.raises(config.ConfigError, match=re.escape(message)):
+        config.load(TINY, {key: value})
+
+
+def test_group_norm_needs_widths_divisible_by_its_groups():
+    with pytest.raises(config.ConfigError, match=re.escape("config.vae.norm_groups: GroupNorm needs every width")):
+        config.validate(config.load(TINY, {"vae.norm": "group", "vae.norm_groups": 3}))
+
+
+def test_mesh_is_checked_against_the_devices_when_given():
+    cfg = config.load(TINY, {"mesh.data": 3})
+    config.validate(cfg)  # fine on some machine: only a device count can refuse it
+    with pytest.raises(config.ConfigError, match=re.escape(
+            "config.mesh {'data': 3, 'fsdp': 1, 'context': 1, 'tensor': 1} needs 3 devices; 1 are available")):
+        config.validate(cfg, num_devices=1)
+    eight_rows = {"batch_size": 8, "vae.batch_size": 8}
+    assert config.validate_devices(config.load(TINY, eight_rows), 8) == (8, 1, 1, 1)
+    with pytest.raises(config.ConfigError, match=re.escape("config.batch_size: 4 rows do not split over data x fsdp = 8")):
+        config.validate(config.load(TINY), num_devices=8)
+    # The VAE this DiT config trains first must split too; with a trained one named, it is not trained.
+    with pytest.raises(config.ConfigError, match="config.vae.batch_size: 4 rows"):
+        config.validate(config.load(TINY, {"batch_size": 8}), num_devices=8)
+    config.validate(config.load(TINY, {"batch_size": 8, "vae.checkpoint": "runs/vae"}), num_devices=8)
+    with pytest.raises(config.ConfigError, match="config.vae.batch_size: 4 rows"):
+        config.validate(config.load(TINY, {"task": "vae", "mesh.data": 1, "mesh.fsdp": -1}), num_devices=8)
 
 
 def test_cli_refuses_unknown_key_and_bad_value_before_compiling(tmp_path):
@@ -60,3 +119,40 @@ def test_workdir_that_is_a_file_is_refused(tmp_path):
     path.write_text("x")
     with pytest.raises(config.ConfigError, match="is a file"):
         train.run(micro_config(), str(path))
+
+
+def _train_cli(*flags, workdir):
+    """The train command line, started (not awaited) so that several run at once: each spends ~5-10 s
+    importing JAX, and none gets as far as compiling."""
+    return subprocess.Popen([sys.executable, "-m", "soraax.train", "--config", TINY, "--workdir", str(workdir),
+                             *flags], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            env={**os.environ, "JAX_PLATFORMS": "cpu"})
+
+
+def _one_line_error(process, *, names):
+    _, stderr = process.communicate(timeout=120)
+    errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert process.returncode == 2 and "Traceback" not in stderr, stderr
+    assert len(errors) == 1 and names in errors[0], stderr
+    return errors[0]
+
+
+def test_cli_refuses_a_bad_budget_a_missing_vae_and_a_file_workdir_in_one_line(tmp_path):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a folder")
+    runs = {
+        "config.data.token_budget": _train_cli("--config.data.token_budget=0", workdir=tmp_path / "budget"),
+        "config.vae.checkpoint='/nonexistent'": _train_cli("--config.vae.checkpoint=/nonexistent",
+                                                           workdir=tmp_path / "vae"),
+        f"--workdir {a_file} is a file": _train_cli(workdir=a_file),
+    }
+    for names, process in runs.items():
+        _one_line_error(process, names=names)
+    assert not (tmp_path / "budget").exists() and not (tmp_path / "vae").exists()  # refused before any work
+    assert a_file.read_text() == "not a folder"
+
+
+def test_cli_refuses_a_mesh_larger_than_the_machine_in_one_line(tmp_path):
+    line = _one_line_error(_train_cli("--config.mesh.data=3", workdir=tmp_path / "w"), names="config.mesh")
+    assert "needs 3 devices; 1 are available" in line
+    assert not (tmp_path / "w").exists()

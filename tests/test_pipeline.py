@@ -1,5 +1,6 @@
 """The input pipeline: native aspect kept, token budget respected, rows packed tightly, order reproducible."""
 import json
+import time
 
 import numpy as np
 import pytest
@@ -30,6 +31,53 @@ def test_budget_respected_and_aspect_kept_within_one_patch(frames, height, width
         # Both sides are floors of the same scaling of the native grid: each within one patch of it.
         scale = max(gh / (height / cell), gw / (width / cell))
         assert height / cell * scale - gh < 1 + 1e-6 and width / cell * scale - gw < 1 + 1e-6
+
+
+@settings(max_examples=200, deadline=None)
+@given(frames=st.integers(1, 40), height=st.integers(1, 5000), width=st.integers(1, 5000),
+       budget=st.integers(1, 512), patch=st.sampled_from([(1, 1, 1), (1, 2, 2), (2, 2, 2)]))
+def test_any_frame_size_fits_a_whole_grid_within_budget(frames, height, width, budget, patch):
+    # 1x4000 strips, 1x1 pixels: at least one patch a side (never an empty grid), never over budget.
+    sizing = {**SIZING, "patch_size": patch}
+    t, h, w = pipeline.fit_to_budget(frames, height, width, token_budget=budget, max_frames=17, **sizing)
+    cell_h, cell_w = 4 * patch[1], 4 * patch[2]
+    grid = ((1 + (t - 1) // 4) // patch[0], h // cell_h, w // cell_w)
+    assert h % cell_h == 0 and w % cell_w == 0 and min(grid) >= 1
+    assert (1 + (t - 1) // 4) % patch[0] == 0 and int(np.prod(grid)) <= budget
+
+
+@pytest.mark.parametrize("height, width", [(1, 4000), (4000, 1), (1, 1), (3, 5)])
+def test_tiny_and_absurd_frames_resize_to_a_whole_patch_grid(height, width):
+    cfg = micro_config()
+    prepare = pipeline._PrepareForDiT(cfg, pipeline.ByteTokenizer())
+    out = prepare.random_map({"video": np.full((1, height, width, 3), 128, np.uint8), "caption": "x"},
+                             np.random.default_rng(0))
+    t, h, w, _ = out["video"].shape
+    cell = cfg.vae.spatial_factor * cfg.model.patch_size[1]
+    assert t == 1 and h >= cell and w >= cell and h % cell == 0 and w % cell == 0
+    assert (h // cell) * (w // cell) <= cfg.data.token_budget
+    np.testing.assert_allclose(out["video"], 128 / 255 * 2 - 1, atol=1e-5)  # a flat frame stays flat
+
+
+def test_a_clip_shorter_than_a_time_patch_is_skipped_not_crashed():
+    cfg = micro_config(**{"model.patch_size": (2, 2, 2)})
+    prepare = pipeline._PrepareForDiT(cfg, pipeline.ByteTokenizer())
+    image = {"video": np.zeros((1, 32, 32, 3), np.uint8), "caption": "x", "_path": "still.png"}
+    marker = prepare.random_map(image, np.random.default_rng(0))
+    assert marker["_skipped"] == "too_short" and marker["_path"] == "still.png"
+    assert prepare.random_map(marker, np.random.default_rng(0)) is marker  # markers pass through untouched
+    clip = prepare.random_map({**image, "video": np.zeros((5, 32, 32, 3), np.uint8)}, np.random.default_rng(0))
+    assert clip["video"].shape[0] == 5 and clip["_path"] == "still.png"  # bookkeeping travels along
+
+
+def test_a_huge_caption_costs_text_len_tokens():
+    cfg = micro_config()
+    prepare = pipeline._PrepareForDiT(cfg, pipeline.ByteTokenizer())
+    clip = {"video": np.zeros((1, 16, 16, 3), np.uint8), "caption": "a dog runs " * 100_000}  # 1.1 MB
+    start = time.perf_counter()
+    tokens = prepare.random_map(clip, np.random.default_rng(0))["text_tokens"]
+    assert time.perf_counter() - start < 1.0
+    assert len(tokens) == cfg.text_len and tokens[-1] == pipeline.ByteTokenizer.eos_id
 
 
 def test_duration_kept_before_resolution():

@@ -1,9 +1,11 @@
 """video_io: what is written reads back (exactly for PNG, within H.264's loss for MP4), every image mode
-becomes RGB uint8, every way a file can be bad is one VideoDecodeError naming it, and real clips keep
-their native size and aspect."""
+becomes RGB uint8 as the PNG spec defines it (16 bits rounded, alpha over white), every way a file can be
+bad is one VideoDecodeError naming it, and real clips keep their native size and aspect."""
 
 import os
 import pickle
+import struct
+import zlib
 
 import av
 import numpy as np
@@ -78,33 +80,110 @@ def test_gif_round_trip_keeps_shape(tmp_path):
     assert probe(tmp_path / "clip.gif") == (4, 20, 30)
 
 
-GREY_HxW = np.arange(10 * 12, dtype=np.uint8).reshape(10, 12) * 2
+def png_file(pixels, color_type, bit_depth=8, palette=None, transparency=None):
+    """A PNG written from the spec with zlib alone (no FFmpeg, no Pillow), so decoding is checked against
+    bytes that FFmpeg's own encoder did not choose. color_type: 0 grey, 2 RGB, 3 palette, 4 grey+alpha,
+    6 RGBA; 16-bit samples are big-endian."""
+    height, width = pixels.shape[:2]
+    samples = pixels.astype(">u2" if bit_depth == 16 else np.uint8).reshape(height, -1)
+    scanlines = b"".join(b"\x00" + row.tobytes() for row in samples)  # filter type 0 on every row
+
+    def chunk(tag, data):
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+    chunks = [chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, bit_depth, color_type, 0, 0, 0))]
+    if palette is not None:
+        chunks.append(chunk(b"PLTE", np.asarray(palette, np.uint8).tobytes()))
+    if transparency is not None:
+        chunks.append(chunk(b"tRNS", np.asarray(transparency, np.uint8).tobytes()))
+    chunks += [chunk(b"IDAT", zlib.compress(scanlines)), chunk(b"IEND", b"")]
+    return b"\x89PNG\r\n\x1a\n" + b"".join(chunks)
 
 
-@pytest.mark.parametrize("pix_fmt, image, expected_rgb", [
-    ("gray", GREY_HxW, np.stack([GREY_HxW] * 3, -1)),
-    # 16-bit grey v*257 is the 8-bit value v scaled to the full 16-bit range.
-    ("gray16be", GREY_HxW.astype(np.uint16) * 257, np.stack([GREY_HxW] * 3, -1)),
-    ("rgb48be", np.stack([GREY_HxW, 255 - GREY_HxW, GREY_HxW // 2], -1).astype(np.uint16) * 257,
-     np.stack([GREY_HxW, 255 - GREY_HxW, GREY_HxW // 2], -1)),
-    # Alpha is dropped, the colour under it kept.
-    ("rgba", np.stack([GREY_HxW, 255 - GREY_HxW, GREY_HxW // 2, np.full_like(GREY_HxW, 7)], -1),
-     np.stack([GREY_HxW, 255 - GREY_HxW, GREY_HxW // 2], -1)),
-])
-def test_image_modes_become_rgb_uint8(pix_fmt, image, expected_rgb):
-    decoded = read_video(png_bytes(image, pix_fmt))
-    assert decoded.dtype == np.uint8 and decoded.shape == (1, *expected_rgb.shape)
-    # swscale's fast 16 -> 8 bit path may round up by one; 8-bit modes convert exactly.
-    tolerance = 1 if "16" in pix_fmt or "48" in pix_fmt else 0
-    np.testing.assert_allclose(decoded[0], expected_rgb, atol=tolerance, rtol=0)
+RNG = np.random.default_rng(0)
+GREY_HxW = RNG.integers(0, 256, (10, 12)).astype(np.uint8)
+RGB_HxWx3 = RNG.integers(0, 256, (10, 12, 3)).astype(np.uint8)
+# 0 and 255 (transparent, opaque) and values between, so every case of compositing is met.
+ALPHA_HxW = np.concatenate([np.zeros(30), np.full(30, 255), RNG.integers(1, 255, 60)]).reshape(10, 12)
+# Full-range 16-bit samples, plus the ones where truncating (v >> 8) and rounding (v / 257) disagree.
+DEEP_HxW = np.concatenate([[0, 128, 255, 256, 383, 384, 32767, 65280, 65535],
+                           RNG.integers(0, 65536, 111)]).reshape(10, 12).astype(np.uint16)
+
+
+def over_white(colour_8bit, alpha_fraction):
+    return 255 * ((colour_8bit / 255) * alpha_fraction[..., None] + 1 - alpha_fraction[..., None])
+
+
+def rounded_16_to_8(v):
+    return np.floor(v.astype(np.float64) / 257 + 0.5)
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB", "I;16", "RGB;16"])
+def test_opaque_modes_become_rgb_uint8_exactly(mode):
+    deep_rgb = np.stack([DEEP_HxW, DEEP_HxW[::-1], 65535 - DEEP_HxW], -1)
+    png, expected = {
+        "L": (png_file(GREY_HxW, 0), np.stack([GREY_HxW] * 3, -1)),
+        "RGB": (png_file(RGB_HxWx3, 2), RGB_HxWx3),
+        # 16 bits are rounded to 8 (v / 257), not truncated (v >> 8): 255 -> 1, 65280 -> 254.
+        "I;16": (png_file(DEEP_HxW, 0, 16), np.stack([rounded_16_to_8(DEEP_HxW)] * 3, -1)),
+        "RGB;16": (png_file(deep_rgb, 2, 16), rounded_16_to_8(deep_rgb)),
+    }[mode]
+    decoded = read_video(png)
+    assert decoded.dtype == np.uint8 and decoded.shape == (1, 10, 12, 3)
+    np.testing.assert_array_equal(decoded[0], expected)
+
+
+@pytest.mark.parametrize("mode", ["LA", "RGBA", "RGBA;16", "P+tRNS"])
+def test_alpha_is_composited_over_white(mode):
+    palette = RNG.integers(0, 256, (256, 3))
+    palette_alpha = np.arange(256) % 3 * 127.5  # transparent, half, opaque
+    index_HxW = RNG.integers(0, 256, (10, 12))
+    png, colour, alpha = {
+        "LA": (png_file(np.stack([GREY_HxW, ALPHA_HxW], -1), 4), np.stack([GREY_HxW] * 3, -1), ALPHA_HxW / 255),
+        "RGBA": (png_file(np.concatenate([RGB_HxWx3, ALPHA_HxW[..., None]], -1), 6), RGB_HxWx3, ALPHA_HxW / 255),
+        "RGBA;16": (png_file(np.concatenate([RGB_HxWx3.astype(np.uint16) * 257, DEEP_HxW[..., None]], -1), 6, 16),
+                    RGB_HxWx3, DEEP_HxW / 65535),
+        "P+tRNS": (png_file(index_HxW, 3, palette=palette, transparency=palette_alpha.astype(np.uint8)),
+                   palette[index_HxW], palette_alpha.astype(np.uint8)[index_HxW] / 255),
+    }[mode]
+    decoded = read_video(png)[0].astype(int)
+    assert decoded.shape == (10, 12, 3)
+    ideal = over_white(colour, alpha)
+    np.testing.assert_allclose(decoded, ideal, atol=0.5 + 1e-3, rtol=0)  # rounded from float32
+    opaque, clear = alpha == 1, alpha == 0
+    np.testing.assert_array_equal(decoded[opaque], colour[opaque])  # an opaque pixel keeps its colour
+    assert (decoded[clear] == 255).all() and clear.any()            # a transparent one shows the white
 
 
 def test_palette_png_becomes_its_palette_colours():
     index_HxW = (np.arange(6 * 8).reshape(6, 8) % 4).astype(np.uint8)
-    argb = np.zeros((256, 4), np.uint8)
-    argb[:4] = [[255, 200, 0, 0], [255, 0, 200, 0], [255, 0, 0, 200], [255, 50, 60, 70]]
-    decoded = read_video(png_bytes((index_HxW, argb), "pal8"))
-    np.testing.assert_array_equal(decoded[0], argb[index_HxW, 1:])
+    palette = np.array([[200, 0, 0], [0, 200, 0], [0, 0, 200], [50, 60, 70]])
+    np.testing.assert_array_equal(read_video(png_file(index_HxW, 3, palette=palette))[0], palette[index_HxW])
+
+
+def test_ffmpeg_encoded_image_modes_decode_like_the_spec():
+    """The same conversions for PNGs FFmpeg's encoder wrote (what `encode_png` and most tools produce)."""
+    cases = [("gray", GREY_HxW, np.stack([GREY_HxW] * 3, -1)),
+             ("gray16be", DEEP_HxW, np.stack([rounded_16_to_8(DEEP_HxW)] * 3, -1)),
+             ("rgba", np.concatenate([RGB_HxWx3, np.full((10, 12, 1), 255, np.uint8)], -1), RGB_HxWx3)]
+    for pix_fmt, image, expected in cases:
+        np.testing.assert_array_equal(read_video(png_bytes(image, pix_fmt))[0], expected, err_msg=pix_fmt)
+
+
+def test_ten_bit_video_is_rounded_not_biased(tmp_path):
+    path = str(tmp_path / "ten_bit.mp4")
+    flat = np.full((16, 32, 3), 100, np.uint8)
+    with av.open(path, "w") as container:
+        stream = container.add_stream("libx264", rate=8)
+        stream.width, stream.height, stream.pix_fmt = 32, 16, "yuv420p10le"
+        for _ in range(3):
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(flat)))
+        container.mux(stream.encode(None))
+    with av.open(path) as container:
+        assert container.streams.video[0].codec_context.pix_fmt == "yuv420p10le"
+    decoded = read_video(path)
+    assert decoded.shape == (3, 16, 32, 3) and decoded.dtype == np.uint8
+    # swscale's direct 10 -> 8 bit path lands ~2 levels low on this clip; through 16 bits it rounds.
+    assert abs(decoded.astype(float).mean() - 100) < 0.6
 
 
 def test_display_rotation_is_applied(tmp_path):
@@ -154,8 +233,23 @@ def bad_inputs(tmp_path):
         silence.sample_rate = 8000
         container.mux(stream.encode(silence))
         container.mux(stream.encode(None))
+    header_only = tmp_path / "header_only.gif"  # a GIF cut after its palette: a video stream, no frames
+    write_video(tmp_path / "whole.gif", smooth_clip(2, 8, 8))
+    header_only.write_bytes((tmp_path / "whole.gif").read_bytes()[:13 + 768])
+    no_samples = str(tmp_path / "no_samples.mp4")  # a video track that never got a frame
+    with av.open(no_samples, "w") as container:
+        stream = container.add_stream("libx264", rate=8)
+        stream.width, stream.height, stream.pix_fmt = 32, 32, "yuv420p"
+        container.start_encoding()
+        container.mux(stream.encode(None))
+    (tmp_path / "folder.mp4").mkdir()
+    os.mkfifo(tmp_path / "pipe.mp4")  # FFmpeg would block reading it forever
     return {
         "missing": (tmp_path / "missing.mp4", "missing"),
+        "directory": (tmp_path / "folder.mp4", "not_a_file"),
+        "fifo": (tmp_path / "pipe.mp4", "not_a_file"),
+        "no_frames": (header_only, "no_frames"),
+        "no_samples": (no_samples, "corrupt"),  # FFmpeg's MP4 demuxer drops a track without samples
         "empty": (tmp_path / "empty.mp4", "empty"),
         "garbage": (tmp_path / "garbage.mp4", "corrupt"),
         "truncated": (tmp_path / "cut.mp4", "corrupt"),
@@ -171,6 +265,20 @@ def test_bad_files_raise_one_error_type_naming_the_file(tmp_path):
                 decode(path)
             assert caught.value.kind == kind, (label, caught.value)
             assert str(path) in str(caught.value), label
+
+
+def test_a_file_without_read_permission_is_unreadable(tmp_path, monkeypatch):
+    path = tmp_path / "locked.mp4"
+    write_video(path, smooth_clip(2, 16, 16))
+    if os.geteuid() == 0:  # root reads any file: make FFmpeg answer as it does for a chmod 000 file
+        def refuse(*args, **kwargs):
+            raise av.error.PermissionError(13, "Permission denied", str(path))
+        monkeypatch.setattr(av, "open", refuse)
+    else:
+        path.chmod(0)
+    with pytest.raises(VideoDecodeError, match="locked.mp4") as caught:
+        read_video(path)
+    assert caught.value.kind == "unreadable"
 
 
 def test_bad_bytes_are_named_by_the_caller():

@@ -6,9 +6,11 @@
     -> [frozen text encoder, each caption once, when model.text_cache] -> Patch n' Pack -> batch
 
 Decode and resize are numpy and run in Grain worker processes (`data.workers`); the VAE runs in the
-training process, where JAX lives. Every random choice comes from Grain's per-element seeds, so the
-sequence of batches is a function of `seed` and the iterator state alone, and a resumed run sees the
-batches an uninterrupted one would.
+training process, where JAX lives. An unusable file travels past the workers as a small marker record
+and is counted and dropped in the training process (`skip_summary`), so the counts are exact for any
+number of workers. Every random choice comes from Grain's per-element seeds, so the sequence of batches
+is a function of `seed` and the iterator state alone, and a resumed run sees the batches an
+uninterrupted one would.
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ import numpy as np
 from absl import flags
 
 from soraax import packing, patches
-from soraax.data.folder import ManifestSource, decode_example
+from soraax.config import ConfigError
+from soraax.data import folder
+from soraax.data.folder import ManifestSource, decode_clip
 from soraax.data.synthetic import SyntheticClips
 from soraax.text import ByteTokenizer
 
@@ -52,9 +56,10 @@ def fit_to_budget(num_frames: int, height: int, width: int, *, token_budget: int
     grid_h, grid_w = height / cell_h, width / cell_w
     scale = min(1.0, math.sqrt(per_frame / (grid_h * grid_w)))
     # Flooring both sides keeps the product within budget and each side within one patch of the native
-    # aspect; a side clamped to one patch (a 1x4000 strip) caps the other instead.
+    # aspect; a side raised to one patch (a 1x4000 strip) caps the other instead, and is never capped
+    # to zero itself (an empty grid).
     gh, gw = max(1, math.floor(grid_h * scale)), max(1, math.floor(grid_w * scale))
-    gh, gw = min(gh, per_frame // gw), min(gw, per_frame // gh)
+    gh, gw = min(gh, max(1, per_frame // gw)), min(gw, max(1, per_frame // gh))
     return 1 + temporal_factor * (time_patches * pt - 1), gh * cell_h, gw * cell_w
 
 
@@ -87,29 +92,42 @@ def crop_time(video_THWC: np.ndarray, num_frames: int, rng: np.random.Generator)
 
 
 def clip_source(data_cfg, *, seed: int, split: str = "train"):
-    """(random-access source, decode map or None) for config.data.source."""
+    """(random-access source, decode map or None) for config.data.source.
+
+    The decode map returns a clip or a skip marker (folder.decode_clip) and counts nothing: `_count_skips`
+    counts in the training process.
+    """
     if data_cfg.source == "synthetic":
         # 2..4 frames would crop to one frame still captioned as moving: images are 1 frame, videos >= 5.
         durations = (1,) + tuple(range(5, data_cfg.max_frames + 1))
         return SyntheticClips(num_examples=data_cfg.num_examples, seed=seed, split=split,
                               durations=durations), None
     if data_cfg.source == "folder":
-        return ManifestSource(data_cfg.manifest), decode_example
+        return ManifestSource(data_cfg.manifest), decode_clip
     if data_cfg.source == "tfds":
         from soraax.data.tfds_source import open_tfds_source
-        return open_tfds_source(data_cfg.tfds_dir, data_cfg.tfds_name, split="train"), decode_example
+        return open_tfds_source(data_cfg.tfds_dir, data_cfg.tfds_name, split="train"), decode_clip
     raise ValueError(f"config.data.source={data_cfg.source!r} is not one of synthetic, folder, tfds")
 
 
-def _decoded_clips(cfg, *, process_index: int, process_count: int, split: str = "train") -> grain.MapDataset:
+def _examples(cfg, *, process_index: int, process_count: int, split: str = "train"):
+    """(this host's examples in reading order, undecoded, repeated forever; decode map or None; examples
+    a host reads per epoch)."""
     source, decode = clip_source(cfg.data, seed=cfg.seed, split=split)
     if len(source) < process_count:
         raise ValueError(f"the dataset has {len(source)} examples, fewer than the {process_count} hosts")
     # Shard before repeating: every epoch reshuffles, and each host still reads a disjoint share of it.
-    ds = grain.MapDataset.source(source).shuffle(seed=cfg.seed)[process_index::process_count].repeat()
+    ds = grain.MapDataset.source(source).shuffle(seed=cfg.seed)[process_index::process_count]
+    return ds.repeat(), decode, len(ds)
+
+
+def _decoded_clips(cfg, *, process_index: int, process_count: int, split: str = "train"):
+    """(clips or skip markers, examples a host reads per epoch)."""
+    ds, decode, per_epoch = _examples(cfg, process_index=process_index, process_count=process_count,
+                                      split=split)
     if decode is not None:
-        ds = ds.map(decode)  # None for a file that does not decode: Grain drops it; folder.SKIPS counts it
-    return ds
+        ds = ds.map(decode)  # a marker, not None, for a bad file: the training process counts it
+    return ds, per_epoch
 
 
 class _PrepareForDiT(grain.transforms.RandomMap):
@@ -124,13 +142,19 @@ class _PrepareForDiT(grain.transforms.RandomMap):
         self.tokenizer = tokenizer
 
     def random_map(self, example: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+        if folder.is_skipped(example):
+            return example
         video = example["video"]
         frames, height, width = fit_to_budget(*video.shape[:3], **self.budget)
+        if frames > video.shape[0]:  # a time patch of several latent frames cannot hold an image
+            return folder.skip_marker(example.get(folder.PATH, "<unnamed example>"), "too_short",
+                                      f"{video.shape[0]} frame(s); a time patch of model.patch_size="
+                                      f"{self.budget['patch_size']} needs {frames}")
         caption = example["caption"]
         if example.get("caption_detailed") and rng.random() < self.detailed_rate:
             caption = example["caption_detailed"]
         return {"video": resize_video(crop_time(video, frames, rng), height, width),
-                "text_tokens": self.tokenizer.encode(caption, self.text_len)}
+                "text_tokens": self.tokenizer.encode(caption, self.text_len), **folder.bookkeeping(example)}
 
 
 def _encode_and_patchify(encode: EncodeFn, patch_size, encode_text: EncodeTextFn | None) -> Callable[[dict], dict]:
@@ -143,6 +167,73 @@ def _encode_and_patchify(encode: EncodeFn, patch_size, encode_text: EncodeTextFn
             out["text_states"] = encode_text(example["text_tokens"])
         return out
     return fn
+
+
+class _CountSkips(grain.transforms.Filter):
+    """Counts each record into folder.SKIPS and keeps the clips (in the training process, after workers).
+
+    Refuses to loop forever over a dataset with nothing usable: more skips in a row than two epochs hold
+    (every epoch reshuffles, so one good example an epoch bounds a run of skips by that) means none is.
+    Neither the counts nor the run are in the iterator state: a resumed run counts from its restart.
+    """
+
+    def __init__(self, examples_per_epoch: int, data_cfg):
+        self.limit = 2 * examples_per_epoch
+        self.dataset = _dataset_name(data_cfg)
+        self.skips_in_a_row = 0
+
+    def filter(self, example: dict[str, Any]) -> bool:
+        if folder.SKIPS.record_example(example):
+            self.skips_in_a_row = 0
+            return True
+        self.skips_in_a_row += 1
+        if self.skips_in_a_row > self.limit:
+            raise ConfigError(f"{self.dataset}: no example is usable ({self.skips_in_a_row} skipped in a row, "
+                              f"two passes over this host's {self.limit // 2}; skipped so far: "
+                              f"{folder.SKIPS.counts()}); see the warnings above")
+        return False
+
+
+def _dataset_name(data_cfg) -> str:
+    if data_cfg.source == "folder":
+        return f"config.data.manifest={data_cfg.manifest!r}"
+    if data_cfg.source == "tfds":
+        return f"config.data.tfds_dir={data_cfg.tfds_dir!r} (data.tfds_name={data_cfg.tfds_name!r})"
+    return f"config.data.source={data_cfg.source!r}"
+
+
+def _count_skips(ds: grain.IterDataset, examples_per_epoch: int, data_cfg) -> grain.IterDataset:
+    """Skip markers counted and dropped, caption fixes counted, bookkeeping keys removed."""
+    return ds.filter(_CountSkips(examples_per_epoch, data_cfg)).map(folder.without_bookkeeping)
+
+
+def skip_summary(since: dict[str, int] | None = None) -> dict[str, int]:
+    """What the input pipelines of this process have read since it started (or since the summary
+    `since`, e.g. taken when a training stage began), for the trainer to log.
+
+    {"examples": examples read (kept or skipped), "skipped": examples skipped, then per kind: skips
+    (folder.SKIP_KINDS, e.g. "corrupt") and normalised captions (folder.CAPTION_FIXES, e.g. "empty_caption",
+    whose examples were kept)}. Exact whatever data.workers is: counted in the training process as clips
+    leave the worker processes, so it includes the few a prefetch buffer has read ahead of the step. Per
+    host: each host counts its own share.
+    """
+    examples, counts, fixes = folder.SKIPS.snapshot()
+    summary = {"examples": examples, "skipped": sum(counts.values()), **dict(sorted(counts.items())),
+               **dict(sorted(fixes.items()))}
+    since = since or {}
+    return {k: v - since.get(k, 0) for k, v in summary.items() if k in ("examples", "skipped") or v > since.get(k, 0)}
+
+
+def format_skip_summary(summary: dict[str, int]) -> str:
+    """One log line: "read 30 examples, skipped 10 (corrupt=4, missing=6); normalised 2 captions (...)"."""
+    kinds = {k: v for k, v in summary.items() if k not in ("examples", "skipped")}
+    skipped = ", ".join(f"{k}={v}" for k, v in kinds.items() if k in folder.SKIP_KINDS)
+    fixed = ", ".join(f"{k}={v}" for k, v in kinds.items() if k in folder.CAPTION_FIXES)
+    line = f"read {summary.get('examples', 0)} examples, skipped {summary.get('skipped', 0)}"
+    line += f" ({skipped})" if skipped else ""
+    if fixed:
+        line += f"; normalised {sum(kinds[k] for k in folder.CAPTION_FIXES if k in kinds)} captions ({fixed})"
+    return line
 
 
 def _worker_processes(ds: grain.IterDataset, workers: int) -> grain.IterDataset:
@@ -163,9 +254,10 @@ def dit_batches(cfg, encode: EncodeFn, *, process_index: int = 0, process_count:
     """
     if cfg.batch_size % process_count:
         raise ValueError(f"config.batch_size={cfg.batch_size} must divide evenly over {process_count} hosts")
-    ds = _decoded_clips(cfg, process_index=process_index, process_count=process_count)
+    ds, per_epoch = _decoded_clips(cfg, process_index=process_index, process_count=process_count)
     prepare = _PrepareForDiT(cfg, ByteTokenizer() if tokenizer is None else tokenizer)
     ds = _worker_processes(ds.random_map(prepare, seed=cfg.seed).to_iter_dataset(), cfg.data.workers)
+    ds = _count_skips(ds, per_epoch, cfg.data)
     ds = ds.map(_encode_and_patchify(encode, tuple(cfg.model.patch_size), encode_text))
     ds = packing.pack_clips(ds, seq_len=cfg.seq_len, text_len=cfg.text_len, max_segments=cfg.max_segments,
                             num_packing_bins=cfg.data.packing_bins, strategy=cfg.data.packing, seed=cfg.seed,
@@ -182,27 +274,31 @@ class _CropForVAE(grain.transforms.RandomMap):
         self.frames, self.height, self.width = (int(c) for c in crop)
 
     def random_map(self, example: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+        if folder.is_skipped(example):
+            return example
         video = example["video"]
         t, h, w = video.shape[:3]
+        if t < self.frames:
+            return folder.skip_marker(example.get(folder.PATH, "<unnamed example>"), "too_short",
+                                      f"{t} frame(s); vae.crop needs {self.frames}")
         scale = max(self.height / h, self.width / w)
         video = resize_video(crop_time(video, self.frames, rng), max(self.height, round(h * scale)),
                              max(self.width, round(w * scale)))
         y = int(rng.integers(0, video.shape[1] - self.height + 1))
         x = int(rng.integers(0, video.shape[2] - self.width + 1))
-        return {"video": video[:, y:y + self.height, x:x + self.width]}
+        return {"video": video[:, y:y + self.height, x:x + self.width], **folder.bookkeeping(example)}
 
 
 def vae_batches(cfg, *, process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
     """Batches of fixed-size crops `{"video": float32 [B, *vae.crop, 3]}` for training the VAE.
 
     A conv VAE needs no packing, so crops of one size batch densely; clips shorter than the crop are
-    skipped (every crop still teaches the first-frame-alone image path).
+    skipped and counted as "too_short" (every crop still teaches the first-frame-alone image path).
     """
     if cfg.vae.batch_size % process_count:
         raise ValueError(f"config.vae.batch_size={cfg.vae.batch_size} must divide evenly over {process_count} hosts")
-    frames = int(cfg.vae.crop[0])
-    ds = _decoded_clips(cfg, process_index=process_index, process_count=process_count)
-    ds = ds.filter(lambda ex: ex["video"].shape[0] >= frames)
+    ds, per_epoch = _decoded_clips(cfg, process_index=process_index, process_count=process_count)
     ds = _worker_processes(ds.random_map(_CropForVAE(cfg.vae.crop), seed=cfg.seed).to_iter_dataset(),
                            cfg.data.workers)
+    ds = _count_skips(ds, per_epoch, cfg.data)
     return ds.batch(cfg.vae.batch_size // process_count, drop_remainder=True)

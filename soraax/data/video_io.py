@@ -1,7 +1,8 @@
 """Video and image files <-> uint8 frames, through PyAV (FFmpeg).
 
 Frames are always `uint8 [T, H, W, 3]` RGB at the file's native size and aspect: resizing to a token budget
-is a later, separate step. A still image is a one-frame video, so an image folder and a video folder go
+is a later, separate step. Every pixel format FFmpeg decodes gets there the same way (grey, palette, 10- and
+16-bit, alpha: see `_to_rgb`). A still image is a one-frame video, so an image folder and a video folder go
 through the same code. Anything that cannot be decoded raises `VideoDecodeError`, one type whose message
 names the file, so a data pipeline can catch a single exception and count skips by `kind`.
 
@@ -22,7 +23,7 @@ Source = Union[str, os.PathLike, bytes, bytearray, memoryview]
 
 # Short, stable labels for why a file was unusable; skip counters key on these rather than on FFmpeg's
 # free-text messages, which vary by version and by byte offset.
-DECODE_FAILURE_KINDS = ("missing", "empty", "corrupt", "no_video_stream", "no_frames")
+DECODE_FAILURE_KINDS = ("missing", "not_a_file", "unreadable", "empty", "corrupt", "no_video_stream", "no_frames")
 
 
 class VideoDecodeError(Exception):
@@ -67,16 +68,25 @@ def _open(source: Source, name: str):
         path = os.fspath(source)
         if not os.path.exists(path):
             raise VideoDecodeError(name, "no such file", "missing")
-        if os.path.isfile(path) and os.path.getsize(path) == 0:
+        if not os.path.isfile(path):
+            # A FIFO or device would block FFmpeg's read forever; a folder is a manifest typo.
+            what = "a directory" if os.path.isdir(path) else "not a regular file"
+            raise VideoDecodeError(name, f"is {what}, not a video or image file", "not_a_file")
+        if os.path.getsize(path) == 0:
             raise VideoDecodeError(name, "file is empty (0 bytes)", "empty")
         file = path
     try:
         return av.open(file, metadata_errors="replace")
+    except PermissionError as e:
+        raise VideoDecodeError(name, f"no permission to read it ({e})", "unreadable") from e
     except _AV_ERRORS as e:
         raise VideoDecodeError(name, f"FFmpeg cannot open it ({e})", "corrupt") from e
 
 
 def _video_stream(container, name: str):
+    if not container.streams:
+        # What FFmpeg opens of an MP4 cut before its index (moov): a container without a single stream.
+        raise VideoDecodeError(name, "the container holds no streams; truncated, or not a media file", "corrupt")
     if not container.streams.video:
         raise VideoDecodeError(
             name, f"no video stream (streams: {[s.type for s in container.streams]})", "no_video_stream")
@@ -86,15 +96,40 @@ def _video_stream(container, name: str):
 def _to_rgb(frame: av.VideoFrame) -> np.ndarray:
     """uint8 [H, W, 3] as the file is meant to be shown.
 
-    swscale maps grey, palette, 16-bit and YUV formats to RGB; alpha is dropped, not composited. Phone
-    videos store portrait clips as landscape frames plus a display rotation, so the rotation is applied to
-    keep the native aspect.
+    - Deeper than 8 bits (10-bit video, 16-bit PNG): converted at 16 bits and rounded to 8 here, since
+      swscale's direct path to 8 bits biases (a 16-bit v lands up to 2 levels off round(v / 257)).
+    - Alpha (RGBA, grey+alpha, palettes with transparency, yuva): composited over white. The colour under
+      a transparent pixel is undefined (editors often store black or leftovers there), so dropping alpha
+      would train on colours no viewer shows; white is what a transparent image shows on a page.
+    - Phone videos store portrait clips as landscape frames plus a display rotation, so the rotation is
+      applied to keep the native aspect.
     """
-    rgb_HxWx3 = frame.to_ndarray(format="rgb24")
+    pixel_format = frame.format
+    deep = any(component.bits > 8 for component in pixel_format.components)
+    # A palette may carry alpha (PNG tRNS) though its format lists no alpha component.
+    alpha = pixel_format.has_palette or any(component.is_alpha for component in pixel_format.components)
+    if alpha:
+        rgb_HxWx3 = _over_white(frame.to_ndarray(format="rgba64le" if deep else "rgba"))
+    elif deep:
+        rgb_HxWx3 = _to_8bit(frame.to_ndarray(format="rgb48le"))
+    else:
+        rgb_HxWx3 = frame.to_ndarray(format="rgb24")
     quarter_turns = round(frame.rotation / 90) % 4
     if quarter_turns:
         rgb_HxWx3 = np.rot90(rgb_HxWx3, k=quarter_turns)
     return rgb_HxWx3
+
+
+def _to_8bit(pixels_uint16: np.ndarray) -> np.ndarray:
+    """round(v * 255 / 65535), in integers: 0 -> 0, 65535 -> 255, v * 257 -> v."""
+    return ((pixels_uint16.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+
+
+def _over_white(rgba_HxWx4: np.ndarray) -> np.ndarray:
+    """uint8 or uint16 [H, W, 4] straight (not premultiplied) alpha -> uint8 [H, W, 3] composited on white."""
+    top = float(np.iinfo(rgba_HxWx4.dtype).max)
+    colour, alpha = rgba_HxWx4[..., :3].astype(np.float32) / top, rgba_HxWx4[..., 3:].astype(np.float32) / top
+    return np.rint(255.0 * (colour * alpha + (1.0 - alpha))).astype(np.uint8)
 
 
 def read_video(source: Source, max_frames: int | None = None, *, name: str | None = None) -> np.ndarray:
@@ -106,7 +141,8 @@ def read_video(source: Source, max_frames: int | None = None, *, name: str | Non
       name: how error messages name the file; defaults to the path.
 
     Raises:
-      VideoDecodeError: missing, empty, corrupt or truncated input, no video stream, or zero frames.
+      VideoDecodeError: missing, not a file, unreadable, empty, corrupt or truncated input, no video stream,
+        or zero frames.
     """
     if max_frames is not None and max_frames < 1:
         raise ValueError(f"max_frames must be >= 1 or None, got {max_frames}")
