@@ -269,7 +269,8 @@ def sample_flow(velocity_fn: VelocityFn, noise, *, num_steps: int, method: str =
     shift: a scalar alpha, or per-token alphas [B, S] (`token_shift`) so each packed clip follows its own
       training grid.
     strength < 1 with x_init (SDEdit): start from x_init noised to t = shift_time(strength), i.e. the
-      last `strength` fraction of the schedule, as img2img pipelines count it.
+      last `strength` fraction of the schedule, as img2img pipelines count it. A scalar, or per token
+      [B, S] so packed clips edit at their own strengths; where it is 1 the start is `noise` exactly.
     x_cond, cond_mask: tokens under cond_mask are held at x_cond, shown to the network at t = 0.
     method: "euler" (num_steps evaluations) or "heun" (second order; the last step, into t = 0, is an
       Euler step as in EDM (Karras et al. 2022), where the velocity of a sharp data distribution is
@@ -283,16 +284,20 @@ def sample_flow(velocity_fn: VelocityFn, noise, *, num_steps: int, method: str =
         raise ValueError(f"strength={strength} starts from a noised input: pass x_init (the clip to edit)")
     hold, cond_mask = _holder(x_cond, cond_mask, noise)
     t_shape = noise.shape[:-1]
-    alpha = jnp.asarray(shift, jnp.float32)
-    if alpha.ndim and alpha.shape != t_shape:
-        raise ValueError(f"shift has shape {alpha.shape}; expected a scalar or per-token {t_shape}")
-    u_grid = _unshifted_grid(num_steps, strength)
+    alpha, strength = jnp.asarray(shift, jnp.float32), jnp.asarray(strength, jnp.float32)
+    for name, value in (("shift", alpha), ("strength", strength)):
+        if value.ndim and value.shape != t_shape:
+            raise ValueError(f"{name} has shape {value.shape}; expected a scalar or per-token {t_shape}")
 
     def t_at(i):
-        t = jnp.broadcast_to(shift_time(u_grid[i], alpha), t_shape)
+        t = jnp.broadcast_to(shift_time(strength * (1.0 - i / num_steps), alpha), t_shape)
         return t if cond_mask is None else jnp.where(cond_mask, 0.0, t)
 
-    x = noise if x_init is None else flow_interpolate(x_init, noise, t_at(0)).astype(noise.dtype)
+    x = noise
+    if x_init is not None:
+        # shift_time(1) can round to 1 - ulp; full strength is plain generation, bit for bit.
+        x = jnp.where(_expand(strength >= 1.0, noise), noise,
+                      flow_interpolate(x_init, noise, t_at(0)).astype(noise.dtype))
 
     def step(i, x):
         t, t_next = t_at(i), t_at(i + 1)

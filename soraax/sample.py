@@ -1,17 +1,23 @@
 """Text to video: `python -m soraax.sample --workdir runs/tiny --prompt "a red square moving left" --out clip.mp4`.
 
+The capability flags pick one other mode (soraax/capabilities.py; docs/sample.md shows each): `--image`
+(image->video), `--video` with `--extend N` (N frames after the clip, or before it for N < 0) or
+`--edit_strength S` (SDEdit), `--connect A B` (a transition from A into B), `--loop`; `--image_guidance`
+scales the held image/clip separately from the text.
+
 Writes the clip (.mp4, .gif, or .png for one frame: `--frames 1`, or an --out ending .png, which keeps the
 first frame) and, for a video, a contact sheet `<out>_sheet.png` of its frames. `--num N` samples N clips of
 the prompt, packed together, written as `<out>_0.mp4`, `<out>_1.mp4`, ...; clip i depends on (--seed, i)
 only, so `_0` is what `--num 1` gives. Sizes default to the largest 3:2 frame whose clip fits the config's
 `data.token_budget` (64x96 at 17 frames for configs/tiny.py), steps and guidance to the config's
-`diffusion.sample_steps` and `diffusion.guidance`. Every problem with the flags, the workdir or the sizes is
-one line on stderr and exit code 2, before anything is computed.
+`diffusion.sample_steps` and `diffusion.guidance`. Every problem with the flags, the workdir, the sizes or
+the input files is one line on stderr and exit code 2, before anything is computed.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import sys
@@ -20,11 +26,14 @@ from typing import Sequence
 import jax
 import numpy as np
 
-from soraax import checkpoints, sampling
-from soraax.data.video_io import contact_sheet, write_image, write_video
+from soraax import capabilities, checkpoints, sampling
+from soraax.data.video_io import VideoDecodeError, contact_sheet, read_video, write_image, write_video
 from soraax.text.expand import expand_prompt
 
 EXTENSIONS = (".mp4", ".gif", ".png")
+DEFAULT_FRAMES = 17
+# Modes whose clips hold frames, which --image_guidance scales.
+CONDITIONED = ("image", "extend", "connect", "loop")
 
 
 class CliParser(argparse.ArgumentParser):
@@ -40,8 +49,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", required=True, help="what the clip should show, e.g. 'a red square moving left'")
     p.add_argument("--out", default="sample.mp4",
                    help="output file: .mp4 or .gif (video), .png (one frame); default sample.mp4")
-    p.add_argument("--frames", type=int, default=17,
-                   help="frames, 1 + vae.temporal_factor*n; 1 is an image (default 17)")
+    p.add_argument("--frames", type=int, default=None,
+                   help="frames, 1 + vae.temporal_factor*n; 1 is an image (default 17). With --extend: the frames "
+                        "of each window (default data.max_frames); with --edit_strength: the first frames of --video "
+                        "to edit (default: all); with --loop: the loop plus its closing frame, which is dropped "
+                        "(frames - 1 are written)")
     p.add_argument("--height", type=int, default=None,
                    help="pixels, a multiple of vae.spatial_factor x patch (default: from data.token_budget)")
     p.add_argument("--width", type=int, default=None,
@@ -59,20 +71,30 @@ def parser() -> argparse.ArgumentParser:
                         "it; falls back to the built-in expander, with a warning, when it does not answer")
     p.add_argument("--expand_model", default="gpt-4o-mini", help="the chat model --expand_url serves")
     p.add_argument("--expand_timeout", type=float, default=10.0, help="seconds to wait for --expand_url")
+    modes = p.add_argument_group("capabilities (one mode at a time; inputs of any size are cropped about the centre "
+                                 "to the output's aspect, then resized)")
+    modes.add_argument("--image", metavar="FILE", help="image->video: the image (or a clip's first frame) is frame 0; "
+                                                       "the size defaults to its aspect")
+    modes.add_argument("--video", metavar="FILE", help="the clip to --extend or to edit with --edit_strength")
+    modes.add_argument("--extend", type=int, metavar="N",
+                       help="with --video: N > 0 adds N frames after it, N < 0 adds -N before it (a multiple of "
+                            "vae.temporal_factor), window after window; the output holds the clip's frames too")
+    modes.add_argument("--edit_strength", type=float, metavar="S",
+                       help="with --video, SDEdit: noise the clip to S in [0, 1] and denoise it under --prompt "
+                            "(0 keeps the clip, 1 is plain text->video)")
+    modes.add_argument("--connect", nargs=2, metavar=("A", "B"),
+                       help="a transition of --frames frames that begins with A's last frame and ends with B's "
+                            "first frames")
+    modes.add_argument("--loop", action="store_true", help="a clip whose last frame leads into its first")
+    modes.add_argument("--image_guidance", type=float, default=None, metavar="S",
+                       help="guidance on the held image/clip, apart from --guidance on the text (default: none, "
+                            "the held frames are held in both passes of text guidance)")
     return p
 
 
-def _size(cfg, args) -> tuple[int, int]:
-    """--height/--width: the token-budget size when both are missing, the default aspect when one is."""
-    aw, ah = sampling.DEFAULT_ASPECT
-    unit_h, unit_w = sampling.pixel_units(cfg)
-    if args.height is None and args.width is None:
-        return sampling.default_size(cfg, args.frames)
-    if args.width is None:
-        return args.height, max(unit_w, round(args.height * aw / ah / unit_w) * unit_w)
-    if args.height is None:
-        return max(unit_h, round(args.width * ah / aw / unit_h) * unit_h), args.width
-    return args.height, args.width
+def _size(cfg, args, frames: int, aspect=sampling.DEFAULT_ASPECT) -> tuple[int, int]:
+    """--height/--width: the token-budget size of `aspect` when both are missing, that aspect when one is."""
+    return sampling.frame_size(cfg, frames, aspect, args.height, args.width)
 
 
 def output_paths(out: str, num: int, frames: int) -> list[str]:
@@ -97,42 +119,151 @@ def write_clip(path: str, video_THWC: np.ndarray) -> list[str]:
     return [path, sheet]
 
 
-def _prepare(args):
-    """Everything that can fail on the user's input, checked before any compute: (steps, height, width, paths)."""
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """What the flags ask for, checked: the mode, its sizes, its inputs (uint8 clips) and the output files."""
+    mode: str             # text | image | extend | edit | connect | loop
+    frames: int           # --frames resolved: the clip, or the window (--extend), or the loop's (--loop)
+    out_frames: int       # frames each written clip has
+    height: int
+    width: int
+    steps: int
+    paths: list[str]
+    inputs: dict
+    notes: tuple[str, ...] = ()
+
+
+def _mode(args) -> str:
+    """The one mode the capability flags name; ValueError for combinations that mean nothing."""
+    chosen = [flag for flag, given in (("--image", args.image is not None), ("--video", args.video is not None),
+                                       ("--connect", args.connect is not None), ("--loop", args.loop)) if given]
+    if len(chosen) > 1:
+        raise ValueError(f"{' and '.join(chosen)} are different modes; use one at a time")
+    for flag, value in (("--extend", args.extend), ("--edit_strength", args.edit_strength)):
+        if value is not None and args.video is None:
+            raise ValueError(f"{flag} works on a clip: pass it with --video FILE")
+    if args.video is not None:
+        if (args.extend is None) == (args.edit_strength is None):
+            raise ValueError("--video needs exactly one of --extend N (add frames) or --edit_strength S (SDEdit)")
+        mode = "extend" if args.extend is not None else "edit"
+    else:
+        mode = "image" if args.image else "connect" if args.connect else "loop" if args.loop else "text"
+    if args.edit_strength is not None and not 0.0 <= args.edit_strength <= 1.0:
+        raise ValueError(f"--edit_strength {args.edit_strength} must lie in [0, 1]: 0 keeps the clip, 1 ignores it")
+    if args.image_guidance is not None and mode not in CONDITIONED:
+        what = "text->video" if mode == "text" else "--edit_strength"
+        raise ValueError(f"--image_guidance scales held frames, which {what} has none; use it with --image, "
+                         f"--extend, --connect or --loop")
+    return mode
+
+
+def _read(flag: str, path: str, max_frames: int | None = None) -> np.ndarray:
+    try:
+        return read_video(path, max_frames=max_frames)
+    except VideoDecodeError as error:
+        raise ValueError(f"{flag}: {error}") from error
+
+
+def _prepare(args) -> Job:
+    """Everything that can fail on the user's input, checked before any compute."""
     if args.num < 1:
         raise ValueError(f"--num must be >= 1, got {args.num}")
+    mode = _mode(args)
     cfg = checkpoints.read_config(args.workdir)
-    height, width = _size(cfg, args)
-    sampling.check_size(cfg, frames=args.frames, height=height, width=width)
+    frames = DEFAULT_FRAMES if args.frames is None else args.frames
+    inputs, notes, out_frames = {}, [], frames
+    if mode == "text":
+        height, width = _size(cfg, args, frames)
+    elif mode == "image":
+        inputs["image"] = _read("--image", args.image, max_frames=1)[0]
+        capabilities.check_image_to_video(cfg, frames)
+        height, width = _size(cfg, args, frames, capabilities.aspect(inputs["image"]))
+    elif mode == "extend":
+        frames = capabilities.default_window(cfg) if args.frames is None else args.frames
+        video = inputs["video"] = _read("--video", args.video)
+        plan = capabilities.extension_plan(cfg, len(video), args.extend, window=frames)
+        height, width = _size(cfg, args, frames, capabilities.aspect(video))
+        out_frames = plan.kept_frames + abs(args.extend)
+        if plan.kept_frames < len(video):
+            notes.append(f"--video {args.video} has {len(video)} frames; extending its "
+                         f"{'last' if args.extend > 0 else 'first'} {plan.kept_frames} (the causal VAE takes 1 + "
+                         f"{cfg.vae.temporal_factor}*n)")
+    elif mode == "edit":
+        video = inputs["video"] = _read("--video", args.video)
+        frames = out_frames = capabilities.edit_frames(cfg, len(video), args.frames)
+        height, width = _size(cfg, args, frames, capabilities.aspect(video))
+        if frames < len(video):
+            notes.append(f"--video {args.video} has {len(video)} frames; editing its first {frames}")
+    elif mode == "connect":
+        inputs["a"], inputs["b"] = (_read("--connect", path) for path in args.connect)
+        capabilities.check_connect(cfg, frames, len(inputs["a"]), len(inputs["b"]))
+        height, width = _size(cfg, args, frames, capabilities.aspect(inputs["a"]))
+    else:
+        window = capabilities.loop_window(cfg, frames)
+        height, width = _size(cfg, args, window)
+        sampling.check_size(cfg, frames=window, height=height, width=width)
+        out_frames = frames - 1
+    sampling.check_size(cfg, frames=frames, height=height, width=width)
     steps = cfg.diffusion.sample_steps if args.steps is None else args.steps
     if steps < 1:
         raise ValueError(f"--steps must be >= 1, got {steps}")
-    return steps, height, width, output_paths(args.out, args.num, args.frames)
+    return Job(mode=mode, frames=frames, out_frames=out_frames, height=height, width=width, steps=steps,
+               paths=output_paths(args.out, args.num, out_frames), inputs=inputs, notes=tuple(notes))
+
+
+def _sample(run, job: Job, args, prompt: str, guidance: float) -> list[np.ndarray]:
+    """The clips the job asks for: text->video packs all of them; the other modes make clip i from (seed, i)."""
+    size = dict(height=job.height, width=job.width, steps=job.steps, guidance=guidance)
+    if job.mode == "text":
+        return list(sampling.generate(run, [prompt] * args.num, frames=job.frames, seed=args.seed, progress=True,
+                                      **size))
+    held = dict(size, image_guidance=args.image_guidance)
+    clips = []
+    for index in range(args.num):
+        key = dict(seed=args.seed, index=index)
+        if job.mode == "image":
+            clip = capabilities.image_to_video(run, job.inputs["image"], prompt, frames=job.frames, **held, **key)
+        elif job.mode == "extend":
+            clip = capabilities.extend(run, job.inputs["video"], prompt, frames=abs(args.extend),
+                                       direction="forward" if args.extend > 0 else "backward", window=job.frames,
+                                       progress=True, **held, **key)
+        elif job.mode == "edit":
+            clip = capabilities.edit(run, job.inputs["video"], prompt, strength=args.edit_strength,
+                                     frames=job.frames, **size, **key)
+        elif job.mode == "connect":
+            clip = capabilities.connect(run, job.inputs["a"], job.inputs["b"], prompt, frames=job.frames,
+                                        **held, **key)
+        else:
+            clip = capabilities.loop(run, prompt, frames=job.frames, **held, **key)
+        clips.append(clip)
+    return clips
 
 
 def main(argv: Sequence[str] | None = None) -> list[str]:
     """Runs the CLI; returns the paths written."""
     args = parser().parse_args(argv)
     try:
-        steps, height, width, paths = _prepare(args)
+        job = _prepare(args)
         run = sampling.load_run(args.workdir, use_ema=not args.raw)
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    for note in job.notes:
+        print(f"note: {note}")
     guidance = run.cfg.diffusion.guidance if args.guidance is None else args.guidance
     prompt = args.prompt
     if args.expand or args.expand_url:
         prompt = expand_prompt(prompt, url=args.expand_url, model=args.expand_model, timeout=args.expand_timeout,
-                               moving=args.frames > 1)
+                               moving=job.out_frames > 1)
         print(f"prompt expanded to: {prompt}")
-    videos = sampling.generate(run, [prompt] * args.num, frames=args.frames, height=height, width=width,
-                               steps=steps, guidance=guidance, seed=args.seed, progress=True)
+    videos = _sample(run, job, args, prompt, guidance)
     written = []
-    for path, video in zip(paths, videos):
+    for path, video in zip(job.paths, videos):
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         written += write_clip(path, video)
-    print(f"step {run.step} ({'EMA' if run.ema else 'raw'} params), {args.frames}x{height}x{width}, "
-          f"{steps} steps, guidance {guidance}: wrote {', '.join(written)}")
+    image_guidance = "" if args.image_guidance is None else f", image guidance {args.image_guidance}"
+    print(f"step {run.step} ({'EMA' if run.ema else 'raw'} params), {job.mode}, {job.out_frames}x{job.height}x"
+          f"{job.width}, {job.steps} steps, guidance {guidance}{image_guidance}: wrote {', '.join(written)}")
     return written
 
 

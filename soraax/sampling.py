@@ -6,11 +6,14 @@ a row of `text_len` text tokens, and segment ids keep them apart, so each clip g
 row, neighbours or batch it lands in: `generate(prompts, seed=s)[i]` is a function of (s, i, prompt i).
 
 Classifier-free guidance runs the conditional and the unconditional (empty caption) passes as ONE DiT call
-on the rows stacked twice, and the whole Euler loop is one jitted program per (rows, steps) shape. Each
-clip follows the time grid it was trained on: its timesteps are shifted by its own token count.
+on the rows stacked twice, and the whole Euler loop is one jitted program per (rows, steps, passes) shape.
+Each clip follows the time grid it was trained on: its timesteps are shifted by its own token count.
 
 `sample_latents` works on `Clip`s at the latent level, and a clip may carry clean tokens held fixed under a
-`cond_mask` (at t = 0, as in training): the mechanism image->video, extension and connecting clips use.
+`cond_mask` (at t = 0, as in training): the mechanism image->video, extension, connecting clips and loops
+use (soraax/capabilities.py), and an `init_tokens` latent to start from at a `strength` (SDEdit). With an
+`image_guidance` scale, guidance has two conditions (InstructPix2Pix): the text, and the held tokens; its
+three passes (neither, held tokens only, both) are again one DiT call on the rows stacked three times.
 
 Dimension key: R packed rows, S tokens a row (seq_len), L text tokens a row (text_len), P patch dim,
 N tokens of one clip, T/H/W pixel frames/height/width, t/h/w latent frames/height/width, C latent channels.
@@ -57,12 +60,16 @@ class Clip:
 
     grid: patches along (t, h, w); key: the clip's own noise key. `clean_tokens` [N, P] with `cond_mask` [N]
     (both or neither) hold the masked tokens at those clean values, shown to the DiT at t = 0.
+    `init_tokens` [N, P] with `strength` in [0, 1] (SDEdit): start from init_tokens noised to the clip's
+    t at `strength` instead of from pure noise; strength 1 (the default) ignores them.
     """
     prompt: str
     grid: tuple[int, int, int]
     key: jax.Array
     clean_tokens: np.ndarray | None = None
     cond_mask: np.ndarray | None = None
+    init_tokens: np.ndarray | None = None
+    strength: float = 1.0
 
     @property
     def num_tokens(self) -> int:
@@ -115,6 +122,21 @@ def check_size(cfg, *, frames: int, height: int, width: int) -> tuple[int, int, 
                          f"({'x'.join(map(str, grid))} patches), more than a packed row holds "
                          f"(seq_len={cfg.seq_len}); at {frames} frames e.g. --height {fit[0]} --width {fit[1]} fits")
     return tuple(grid)
+
+
+def frame_size(cfg, frames: int, aspect: tuple[int, int] = DEFAULT_ASPECT, height: int | None = None,
+               width: int | None = None) -> tuple[int, int]:
+    """(height, width) as asked, the side not given from `aspect` (width, height) rounded to whole patches,
+    and both, when neither is given, the largest frame near `aspect` within data.token_budget."""
+    if height is None and width is None:
+        return default_size(cfg, frames, aspect)
+    aw, ah = aspect
+    unit_h, unit_w = pixel_units(cfg)
+    if width is None:
+        return height, max(unit_w, round(height * aw / ah / unit_w) * unit_w)
+    if height is None:
+        return max(unit_h, round(width * ah / aw / unit_h) * unit_h), width
+    return height, width
 
 
 def default_size(cfg, frames: int, aspect: tuple[int, int] = DEFAULT_ASPECT,
@@ -227,6 +249,13 @@ def _check_conditioning(index: int, clip: Clip, patch_dim: int):
         raise ValueError(f"clip {index} with grid {clip.grid}: clean_tokens must be [{clip.num_tokens}, "
                          f"{patch_dim}] and cond_mask [{clip.num_tokens}]; got {np.shape(clip.clean_tokens)} "
                          f"and {np.shape(clip.cond_mask)}")
+    if not 0.0 <= clip.strength <= 1.0:
+        raise ValueError(f"clip {index}: strength {clip.strength} must lie in [0, 1]")
+    if clip.strength < 1.0 and clip.init_tokens is None:
+        raise ValueError(f"clip {index}: strength {clip.strength} starts from a noised input; pass init_tokens")
+    if clip.init_tokens is not None and np.shape(clip.init_tokens) != (clip.num_tokens, patch_dim):
+        raise ValueError(f"clip {index} with grid {clip.grid}: init_tokens must be [{clip.num_tokens}, "
+                         f"{patch_dim}]; got {np.shape(clip.init_tokens)}")
 
 
 def _packed_rows(run: Run, clips: Sequence[Clip], rows: Sequence[Sequence[int]], num_rows: int):
@@ -237,6 +266,7 @@ def _packed_rows(run: Run, clips: Sequence[Clip], rows: Sequence[Sequence[int]],
     batch = {"noise": np.zeros((num_rows, s, p), np.float32), "coords": np.zeros((num_rows, s, 3), np.int32),
              "segment_ids": np.zeros((num_rows, s), np.int32),
              "clean_tokens": np.zeros((num_rows, s, p), np.float32), "cond_mask": np.zeros((num_rows, s), bool),
+             "init_tokens": np.zeros((num_rows, s, p), np.float32), "strength": np.ones((num_rows, s), np.float32),
              "text_tokens": np.zeros((num_rows, l), np.int32), "text_segment_ids": np.zeros((num_rows, l), np.int32),
              "uncond_tokens": np.zeros((num_rows, l), np.int32),
              "uncond_segment_ids": np.zeros((num_rows, l), np.int32)}
@@ -254,6 +284,9 @@ def _packed_rows(run: Run, clips: Sequence[Clip], rows: Sequence[Sequence[int]],
             if clip.cond_mask is not None:
                 batch["clean_tokens"][r, video] = clip.clean_tokens
                 batch["cond_mask"][r, video] = clip.cond_mask
+            if clip.init_tokens is not None:
+                batch["init_tokens"][r, video] = clip.init_tokens
+            batch["strength"][r, video] = clip.strength
             caption = tokenizer.encode(clip.prompt, l)
             batch["text_tokens"][r, text_start:text_start + len(caption)] = caption
             batch["text_segment_ids"][r, text_start:text_start + len(caption)] = segment
@@ -270,39 +303,80 @@ def _packed_rows(run: Run, clips: Sequence[Clip], rows: Sequence[Sequence[int]],
 # --------------------------------------------------------------------------------------- sampling
 
 
+def _segment_time(t_RxS, segment_ids_RxS, max_segments: int):
+    """Each token's segment t: the largest t among its segment's tokens (held tokens sit at 0, the rest share
+    the clip's t)."""
+    member_RxSxM = segment_ids_RxS[:, :, None] == jnp.arange(max_segments + 1)[None, None, :]
+    t_RxM = jnp.max(jnp.where(member_RxSxM, t_RxS[:, :, None], 0.0), axis=1)
+    return jnp.take_along_axis(t_RxM, segment_ids_RxS, axis=1)
+
+
+def _released(x_RxSxP, t_RxS, conditioning, max_segments: int):
+    """x and t with the tokens under conditioning["release"] given back to the noise: at their clip's t, on
+    the path from their clean values to the clip's own noise, as training shows a clip it conditions on
+    nothing. The unconditional pass of two-condition guidance sees no held tokens this way."""
+    release_RxS = conditioning["release"]
+    t_segment_RxS = _segment_time(t_RxS, conditioning["segment_ids"], max_segments)
+    noised_RxSxP = diffusion.flow_interpolate(conditioning["clean_tokens"], conditioning["noise"], t_segment_RxS)
+    return (jnp.where(release_RxS[..., None], noised_RxSxP.astype(x_RxSxP.dtype), x_RxSxP),
+            jnp.where(release_RxS, t_segment_RxS, t_RxS))
+
+
+def guidance_passes(guidance: float, image_guidance: float | None) -> str:
+    """Which DiT passes a step needs: 'multi' with an image_guidance scale, else 'text' unless guidance is 1
+    (the conditional model alone: half the compute, and exactly it)."""
+    if image_guidance is not None:
+        return "multi"
+    return "cond" if float(guidance) == 1.0 else "text"
+
+
 @functools.partial(jax.jit, static_argnames=("dit", "text_encoder", "steps", "max_segments", "base_tokens",
-                                             "guided"))
-def _sample_rows(params, rows, guidance, *, dit, text_encoder, steps: int, max_segments: int,
-                 base_tokens: float, guided: bool):
+                                             "passes"))
+def _sample_rows(params, rows, guidance, image_guidance, *, dit, text_encoder, steps: int, max_segments: int,
+                 base_tokens: float, passes: str):
     """Packed rows of noise -> clean latent tokens [R, S, P] by `steps` Euler steps of the guided flow."""
     def encode_text(tokens_RxL, segment_ids_RxL):
         return text_encoder.apply({"params": params["text"]}, tokens_RxL, segment_ids_RxL)
 
-    video = (rows["coords"], rows["segment_ids"])
-    cond = (encode_text(rows["text_tokens"], rows["text_segment_ids"]), rows["text_segment_ids"], *video)
-
     def model_fn(x_RxSxP, t_RxS, conditioning):
-        text_states, text_segment_ids, coords, segment_ids = conditioning
-        return dit.apply({"params": params["dit"]}, x_RxSxP, coords, segment_ids, t_RxS, text_states,
-                         text_segment_ids)
+        if "release" in conditioning:
+            x_RxSxP, t_RxS = _released(x_RxSxP, t_RxS, conditioning, max_segments)
+        return dit.apply({"params": params["dit"]}, x_RxSxP, conditioning["coords"], conditioning["segment_ids"],
+                         t_RxS, conditioning["text_states"], conditioning["text_segment_ids"])
 
-    if guided:
-        uncond = (encode_text(rows["uncond_tokens"], rows["uncond_segment_ids"]), rows["uncond_segment_ids"],
-                  *video)
-        velocity = diffusion.guided_velocity_fn(model_fn, cond, uncond, guidance)
-    else:  # guidance 1 is the conditional model alone: half the compute, and exactly it
-        velocity = functools.partial(model_fn, conditioning=cond)
+    video = {"coords": rows["coords"], "segment_ids": rows["segment_ids"]}
+    full = {"text_states": encode_text(rows["text_tokens"], rows["text_segment_ids"]),
+            "text_segment_ids": rows["text_segment_ids"], **video}
+    if passes == "cond":
+        velocity = functools.partial(model_fn, conditioning=full)
+    else:
+        empty = {"text_states": encode_text(rows["uncond_tokens"], rows["uncond_segment_ids"]),
+                 "text_segment_ids": rows["uncond_segment_ids"], **video}
+        if passes == "text":  # held tokens held in both passes: guidance on the text alone
+            velocity = diffusion.guided_velocity_fn(model_fn, full, empty, guidance)
+        else:
+            def releasing(conditioning, release_RxS):
+                return {**conditioning, "release": release_RxS, "clean_tokens": rows["clean_tokens"],
+                        "noise": rows["noise"]}
+            held = jnp.zeros_like(rows["cond_mask"])
+            velocity = diffusion.multi_guided_velocity_fn(
+                model_fn, releasing(empty, rows["cond_mask"]), releasing(empty, held), releasing(full, held),
+                text_scale=guidance, image_scale=image_guidance)
     shift_RxS = diffusion.token_shift(rows["segment_ids"], max_segments=max_segments, base_tokens=base_tokens)
     return diffusion.sample_flow(velocity, rows["noise"], num_steps=steps, method="euler", shift=shift_RxS,
+                                 strength=rows["strength"], x_init=rows["init_tokens"],
                                  x_cond=rows["clean_tokens"], cond_mask=rows["cond_mask"])
 
 
 def sample_latents(run: Run, clips: Sequence[Clip], *, steps: int, guidance: float,
-                   progress: bool = False) -> list[np.ndarray]:
+                   image_guidance: float | None = None, progress: bool = False) -> list[np.ndarray]:
     """Samples every clip, packed into rows; returns each clip's latent [t, h, w, C] in input order.
 
-    Rows go to the DiT `batch_size` at a time (a partial last batch is padded with empty rows, so every
-    call has one shape and compiles once).
+    guidance scales the text; `image_guidance`, when given, separately scales the held tokens (the image or
+    clip conditioned on): v = multi_cfg(v(empty caption, held tokens released), v(empty caption),
+    v(caption)). Without it the held tokens are held in both passes of text guidance. A clip holding no
+    tokens gets text guidance either way. Rows go to the DiT `batch_size` at a time (a partial last batch
+    is padded with empty rows, so every call has one shape and compiles once).
     """
     cfg, models = run.cfg, run.models
     if steps < 1:
@@ -321,9 +395,9 @@ def sample_latents(run: Run, clips: Sequence[Clip], *, steps: int, guidance: flo
         chunk = rows[first:first + rows_per_call]
         batch, places = _packed_rows(run, clips, chunk, rows_per_call)
         x_RxSxP = np.asarray(_sample_rows(
-            run.params, batch, jnp.float32(guidance), dit=models.dit, text_encoder=models.text_encoder,
-            steps=int(steps), max_segments=int(cfg.max_segments), base_tokens=float(cfg.diffusion.base_tokens),
-            guided=float(guidance) != 1.0))
+            run.params, batch, jnp.float32(guidance), jnp.float32(1.0 if image_guidance is None else image_guidance),
+            dit=models.dit, text_encoder=models.text_encoder, steps=int(steps), max_segments=int(cfg.max_segments),
+            base_tokens=float(cfg.diffusion.base_tokens), passes=guidance_passes(guidance, image_guidance)))
         for i, (r, start) in places.items():
             tokens_NxP = x_RxSxP[r, start:start + clips[i].num_tokens]
             latents[i] = patches.unpatchify(tokens_NxP, clips[i].grid, models.patch_size)
