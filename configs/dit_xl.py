@@ -83,6 +83,12 @@ def get_config(arg=None):
     c.data.token_budget = 4096
     c.data.max_frames = 129
     c.data.detailed_caption_rate = 0.9
+    # Clips trained with frames given clean (t = 0, no loss), so one model also does image->video,
+    # extension both ways and connecting clips (soraax/data/conditioning.py); the rest is text->video.
+    c.data.cond_first_frame_rate = 0.1
+    c.data.cond_past_frames_rate = 0.1
+    c.data.cond_future_frames_rate = 0.05
+    c.data.cond_ends_rate = 0.05
     c.data.packing = "best_fit"
     c.data.packing_bins = 64
     c.data.workers = 16

@@ -82,6 +82,12 @@ def get_config(arg=None):
     c.data.max_frames = 17
     c.data.detailed_caption_rate = 0.0   # share of captions in the long, prompt-expanded style; the tiny
                                          # byte encoder binds words faster on short ones (colour 46% vs 29%)
+    # Clips trained with frames given clean (t = 0, no loss), so one model also does image->video,
+    # extension both ways and connecting clips (soraax/data/conditioning.py); the rest is text->video.
+    c.data.cond_first_frame_rate = 0.1
+    c.data.cond_past_frames_rate = 0.1
+    c.data.cond_future_frames_rate = 0.05
+    c.data.cond_ends_rate = 0.05
     c.data.packing = "best_fit"          # best_fit | first_fit
     c.data.packing_bins = 16
     c.data.workers = 0                   # Grain worker processes for decode and resize

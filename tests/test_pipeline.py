@@ -143,6 +143,29 @@ def test_synthetic_batches_are_packed_tightly_and_follow_the_batch_format():
                 assert clip["text_tokens"][0] == 1  # BOS: the caption travelled with its clip
 
 
+def test_clips_are_conditioned_on_whole_time_patches_at_the_configured_rates():
+    # Every clip holds either nothing or whole time patches, never all of them; with the rates at 0 none does.
+    cfg = micro_config(data__cond_first_frame_rate=0.4, data__cond_past_frames_rate=0.3,
+                       data__cond_future_frames_rate=0.0, data__cond_ends_rate=0.0)
+    held = conditioned = 0
+    for batch in [b for _, b in zip(range(10), pipeline.dit_batches(cfg, _fake_encode(cfg)))]:
+        for row in range(batch["segment_ids"].shape[0]):
+            for clip in packing.unpack_row({k: v[row] for k, v in batch.items()}):
+                t, h, w = clip["grid"]
+                per_time = clip["cond_mask"].reshape(t, h * w)
+                assert (per_time.all(axis=1) | ~per_time.any(axis=1)).all()  # whole time patches
+                assert not per_time.all()
+                if per_time.any():
+                    assert per_time[0].all()  # first-frame and past-frame kinds both start at time patch 0
+                    conditioned += 1
+                held += t > 1
+    assert 0.4 < conditioned / held < 0.9  # 70% of clips with two or more time patches, drawn at random
+    off = micro_config(data__cond_first_frame_rate=0.0, data__cond_past_frames_rate=0.0,
+                       data__cond_future_frames_rate=0.0, data__cond_ends_rate=0.0)
+    batch = next(iter(pipeline.dit_batches(off, _fake_encode(off))))
+    assert not batch["cond_mask"].any()
+
+
 def test_batches_are_a_function_of_the_seed_and_resume_from_iterator_state():
     cfg = micro_config()
     encode = _fake_encode(cfg)

@@ -24,7 +24,7 @@ from absl import flags
 
 from soraax import packing, patches
 from soraax.config import ConfigError
-from soraax.data import folder
+from soraax.data import conditioning, folder
 from soraax.data.folder import ManifestSource, decode_clip
 from soraax.data.synthetic import SyntheticClips
 from soraax.text import ByteTokenizer
@@ -140,6 +140,8 @@ class _PrepareForDiT(grain.transforms.RandomMap):
         self.detailed_rate = cfg.data.detailed_caption_rate
         self.text_len = cfg.text_len
         self.tokenizer = tokenizer
+        self.time_patch = int(cfg.model.patch_size[0])
+        self.cond_rates = conditioning_rates(cfg.data)
 
     def random_map(self, example: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
         if folder.is_skipped(example):
@@ -153,16 +155,25 @@ class _PrepareForDiT(grain.transforms.RandomMap):
         caption = example["caption"]
         if example.get("caption_detailed") and rng.random() < self.detailed_rate:
             caption = example["caption_detailed"]
+        latent_frames = 1 + (frames - 1) // self.budget["temporal_factor"]
+        held = conditioning.held_time_patches(latent_frames // self.time_patch, rng, **self.cond_rates)
         return {"video": resize_video(crop_time(video, frames, rng), height, width),
-                "text_tokens": self.tokenizer.encode(caption, self.text_len), **folder.bookkeeping(example)}
+                "text_tokens": self.tokenizer.encode(caption, self.text_len), "held_time_patches": held,
+                **folder.bookkeeping(example)}
+
+
+def conditioning_rates(data_cfg) -> dict[str, float]:
+    """data.cond_*_rate -> soraax.data.conditioning's rates (0 for a config without the keys)."""
+    return {f"{kind}_rate": float(data_cfg.get(f"cond_{kind}_rate", 0.0)) for kind in conditioning.KINDS}
 
 
 def _encode_and_patchify(encode: EncodeFn, patch_size, encode_text: EncodeTextFn | None) -> Callable[[dict], dict]:
     def fn(example):
         latent = np.asarray(encode(example["video"]))
         tokens, coords = patches.patchify(latent, patch_size)
+        held = example["held_time_patches"]  # whole time patches, patchify's time-major token order
         out = {"tokens": tokens.astype(np.float32), "coords": coords,
-               "cond_mask": np.zeros(tokens.shape[0], bool), "text_tokens": example["text_tokens"]}
+               "cond_mask": np.repeat(held, tokens.shape[0] // len(held)), "text_tokens": example["text_tokens"]}
         if encode_text is not None:
             out["text_states"] = encode_text(example["text_tokens"])
         return out
