@@ -17,11 +17,12 @@ import ml_collections
 
 from soraax import sharding
 from soraax.attention import IMPLS
+from soraax.cascade import UPSAMPLE_METHODS, sr_budget
 from soraax.dit import REMAT_POLICIES
 from soraax.sharding import MESH_AXES
 from soraax.vae import stage_plan  # the one statement of how widths follow from the factors
 
-TASKS = ("dit", "vae")
+TASKS = ("dit", "vae", "sr")
 SOURCES = ("synthetic", "folder", "tfds")
 PACKERS = ("best_fit", "first_fit")
 DTYPES = ("float32", "bfloat16")
@@ -248,7 +249,7 @@ def validate_devices(cfg, num_devices: int) -> tuple[int, ...]:
     shape = tuple(a * b for a, b in zip(per_slice, dcn))
     axes = dict(zip(MESH_AXES, shape))
     splits = axes["data"] * axes["fsdp"]
-    batches = ["batch_size"] if cfg.task == "dit" else []
+    batches = ["batch_size"] if cfg.task in ("dit", "sr") else []
     if cfg.task == "vae" or not cfg.vae.checkpoint:  # a DiT config without a VAE trains one first
         batches.append("vae.batch_size")
     for key in batches:
@@ -322,6 +323,32 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
     _choice(cfg, "data.packing", PACKERS)
     _require(d.token_budget <= cfg.seq_len, "data.token_budget",
              f"{d.token_budget} tokens a clip cannot fit a packed row of seq_len={cfg.seq_len}")
+    if cfg.task == "sr":
+        _validate_sr(cfg)
     if num_devices is not None:
         validate_devices(cfg, num_devices)
     return cfg
+
+
+def _validate_sr(cfg) -> None:
+    """A super-resolution stage (soraax/cascade.py): its factors, noise augmentation and base VAE."""
+    spatial = _int(cfg, "sr.spatial_factor")
+    temporal = _int(cfg, "sr.temporal_factor")
+    _require(spatial > 1 or temporal > 1, "sr.spatial_factor",
+             "and sr.temporal_factor are both 1: the stage would not raise the resolution; set one to 2")
+    _require(temporal == 1 or cfg.model.patch_size[0] == 1, "sr.temporal_factor",
+             f"temporal SR makes 1 + {temporal}*n latent frames, which fill whole time patches only with "
+             f"model.patch_size[0] == 1, got {cfg.model.patch_size[0]}")
+    _choice(cfg, "sr.upsample", UPSAMPLE_METHODS)
+    max_aug = _number(cfg, "sr.max_aug", 0.0, 1.0, high_open=True)
+    _number(cfg, "sr.sample_aug", 0.0, max_aug)  # a level the stage was trained at
+    _require(bool(cfg.vae.checkpoint), "vae.checkpoint",
+             "an SR stage encodes with its base run's frozen VAE and samples in its latents: set it to that "
+             "VAE's workdir (e.g. runs/tiny/vae)")
+    for kind in ("first_frame", "past_frames", "future_frames", "ends"):
+        _require(_value(cfg, f"data.cond_{kind}_rate", 0.0) == 0, f"data.cond_{kind}_rate",
+                 "must be 0 for an SR stage: it is conditioned on the low-res clip, not on held frames")
+    budget = sr_budget(cfg)
+    _require(budget["token_budget"] >= 1, "data.token_budget",
+             f"{cfg.data.token_budget} tokens cannot hold one clip of whole latents at sr.spatial_factor={spatial} "
+             f"and sr.temporal_factor={temporal}; raise it")

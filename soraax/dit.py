@@ -9,11 +9,15 @@ What differs from an image DiT, and why:
   * adaLN-Zero conditioning is PER TOKEN: each clip has its own timestep, and conditioning tokens
     (image->video, extension) have t = 0 inside the same row;
   * text enters by cross-attention to the clip's own caption, as in PixArt-alpha, and optionally
-    (`pooled_text`) as the caption's mean embedding added to the timestep conditioning, as in SD3.
+    (`pooled_text`) as the caption's mean embedding added to the timestep conditioning, as in SD3;
+  * a super-resolution stage (`lowres_dim > 0`, soraax/cascade.py) is the same network that also sees the
+    low-resolution latent upsampled onto its own patch grid: those tokens are concatenated to the noisy ones
+    before the patch embedding (Imagen Video / CDM's channel concat), and their noise-augmentation level
+    joins the timestep in adaLN. Both are per token, so packing stays exact.
 
 Dimension key:
-  B batch rows, S packed video tokens, L packed text tokens, P patch dim (pt*ph*pw*C), D width,
-  H heads, K head dim, F mlp width, T text width, N layers.
+  B batch rows, S packed video tokens, L packed text tokens, P patch dim (pt*ph*pw*C), Q patch dim of the
+  low-res conditioning tokens, D width, H heads, K head dim, F mlp width, T text width, N layers.
 """
 
 from __future__ import annotations
@@ -159,9 +163,13 @@ class DiTBlock(nn.Module):
 class DiT(nn.Module):
     """Packed-sequence diffusion transformer: noisy patches + per-token t + text -> velocity per token.
 
-    Fields are the hyper-parameters; `patch_dim` is pt*ph*pw*C of the latent patches.
+    Fields are the hyper-parameters; `patch_dim` is pt*ph*pw*C of the latent patches. `lowres_dim` > 0 makes
+    it a super-resolution stage whose call also takes `lowres_BxSxQ` (the low-res latent's tokens, aligned
+    token for token) and `aug_BxS` (their noise-augmentation level); 0, the default, is the text-to-video
+    model, with exactly the params and function it always had.
     """
     patch_dim: int
+    lowres_dim: int = 0
     width: int = 1152
     depth: int = 28
     heads: int = 16
@@ -180,14 +188,36 @@ class DiT(nn.Module):
         if self.remat_policy not in REMAT_POLICIES:
             raise ValueError(f"remat_policy {self.remat_policy!r} is not one of {sorted(REMAT_POLICIES)}")
         rope_split(self.width // self.heads)
+        if self.lowres_dim < 0:
+            raise ValueError(f"lowres_dim must be >= 0 (0: no low-res conditioning), got {self.lowres_dim}")
+
+    def _check_lowres(self, lowres_BxSxQ, aug_BxS, tokens_shape):
+        if not self.lowres_dim:
+            if lowres_BxSxQ is not None or aug_BxS is not None:
+                raise ValueError("this DiT has lowres_dim=0 (no low-res conditioning) but was given lowres/aug inputs")
+            return
+        if lowres_BxSxQ is None or aug_BxS is None:
+            raise ValueError(f"a super-resolution DiT (lowres_dim={self.lowres_dim}) needs lowres_BxSxQ and aug_BxS")
+        if lowres_BxSxQ.shape != (*tokens_shape[:-1], self.lowres_dim) or aug_BxS.shape != tokens_shape[:-1]:
+            raise ValueError(f"lowres_BxSxQ must be {(*tokens_shape[:-1], self.lowres_dim)} and aug_BxS "
+                             f"{tuple(tokens_shape[:-1])}; got {lowres_BxSxQ.shape} and {aug_BxS.shape}")
 
     @nn.compact
-    def __call__(self, tokens_BxSxP, coords_BxSx3, segment_ids_BxS, t_BxS, text_BxLxT, text_segment_ids_BxL):
+    def __call__(self, tokens_BxSxP, coords_BxSx3, segment_ids_BxS, t_BxS, text_BxLxT, text_segment_ids_BxL,
+                 lowres_BxSxQ=None, aug_BxS=None):
         """Returns the predicted velocity [B, S, P]; padding tokens (segment id 0) get exactly zero."""
+        self._check_lowres(lowres_BxSxQ, aug_BxS, tokens_BxSxP.shape)
+        inputs_BxSxP = tokens_BxSxP.astype(self.dtype)
+        if self.lowres_dim:
+            inputs_BxSxP = jnp.concatenate([inputs_BxSxP, lowres_BxSxQ.astype(self.dtype)], axis=-1)
         x_BxSxD = nn.Dense(self.width, dtype=self.dtype, kernel_init=_dense_init((None, "embed")),
-                           name="patch_embed")(tokens_BxSxP.astype(self.dtype))
+                           name="patch_embed")(inputs_BxSxP)
         x_BxSxD = nn.with_logical_constraint(x_BxSxD, ("batch", "length", "embed"))
         c_BxSxD = TimestepEmbedder(self.width, dtype=self.dtype, name="t_embedder")(t_BxS)
+        if self.lowres_dim:
+            # The augmentation level tells the network how far to trust its conditioning (CDM, Ho et al. 2021):
+            # trained over a range of levels, sampled at one fixed level (sr.sample_aug).
+            c_BxSxD = c_BxSxD + TimestepEmbedder(self.width, dtype=self.dtype, name="aug_embedder")(aug_BxS)
         if self.pooled_text:
             # The caption's mean embedding joins the timestep in adaLN (as SD3's pooled text does): a global
             # signal every block sees from the first step, while cross-attention learns the details.

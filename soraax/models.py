@@ -48,7 +48,11 @@ def build(cfg: ml_collections.ConfigDict, latent_mean=0.0, latent_std=1.0) -> Mo
     m = cfg.model
     dtype = jnp.dtype(m.dtype)
     patch_size = tuple(int(p) for p in m.patch_size)
-    dit = DiT(patch_dim=patches.patch_dim(patch_size, cfg.vae.latent_channels), width=m.width, depth=m.depth,
+    patch_dim = patches.patch_dim(patch_size, cfg.vae.latent_channels)
+    # A super-resolution stage (task "sr") encodes with its base's VAE and sees the base's latent upsampled
+    # onto its own patch grid (soraax/cascade.py), so its conditioning tokens have the patch dim of its own.
+    lowres_dim = patch_dim if cfg.task == "sr" else 0
+    dit = DiT(patch_dim=patch_dim, lowres_dim=lowres_dim, width=m.width, depth=m.depth,
               heads=m.heads, mlp_ratio=m.mlp_ratio, pooled_text=m.get("pooled_text", False),
               attn_impl=m.attn_impl, remat_policy=m.remat_policy, scan_layers=m.scan_layers, dtype=dtype)
     return Models(dit=dit, text=build_text_model(m, text_len=cfg.text_len, dtype=dtype),

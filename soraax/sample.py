@@ -3,7 +3,9 @@
 The capability flags pick one other mode (soraax/capabilities.py; docs/sample.md shows each): `--image`
 (image->video), `--video` with `--extend N` (N frames after the clip, or before it for N < 0) or
 `--edit_strength S` (SDEdit), `--connect A B` (a transition from A into B), `--loop`; `--image_guidance`
-scales the held image/clip separately from the text.
+scales the held image/clip separately from the text. `--cascade BASE_DIR,SR_DIR` (instead of --workdir)
+samples text->video with the base run, then with each super-resolution run at its higher size, and decodes
+once (soraax/cascade.py); --frames/--height/--width are then the output's, the final stage's.
 
 Writes the clip (.mp4, .gif, or .png for one frame: `--frames 1`, or an --out ending .png, which keeps the
 first frame) and, for a video, a contact sheet `<out>_sheet.png` of its frames. `--num N` samples N clips of
@@ -26,7 +28,7 @@ from typing import Sequence
 import jax
 import numpy as np
 
-from soraax import capabilities, checkpoints, sampling
+from soraax import capabilities, cascade, checkpoints, sampling
 from soraax.data.video_io import VideoDecodeError, contact_sheet, read_video, write_image, write_video
 from soraax.text.expand import expand_prompt
 
@@ -45,7 +47,12 @@ class CliParser(argparse.ArgumentParser):
 
 def parser() -> argparse.ArgumentParser:
     p = CliParser(prog="python -m soraax.sample", description="Sample clips from a trained soraax run.")
-    p.add_argument("--workdir", required=True, help="the training run's folder (config.json, checkpoints/)")
+    runs = p.add_mutually_exclusive_group(required=True)
+    runs.add_argument("--workdir", help="the training run's folder (config.json, checkpoints/)")
+    runs.add_argument("--cascade", metavar="BASE_DIR,SR_DIR",
+                      help="text->video through a cascade: the base DiT run, then super-resolution runs (task 'sr', "
+                           "e.g. configs/sr_tiny.py), comma-separated; one decode at the end. --frames/--height/"
+                           "--width give the output (default: the base's size times the SR factors)")
     p.add_argument("--prompt", required=True, help="what the clip should show, e.g. 'a red square moving left'")
     p.add_argument("--out", default="sample.mp4",
                    help="output file: .mp4 or .gif (video), .png (one frame); default sample.mp4")
@@ -137,6 +144,12 @@ def _mode(args) -> str:
     """The one mode the capability flags name; ValueError for combinations that mean nothing."""
     chosen = [flag for flag, given in (("--image", args.image is not None), ("--video", args.video is not None),
                                        ("--connect", args.connect is not None), ("--loop", args.loop)) if given]
+    if args.cascade is not None:
+        others = chosen + [flag for flag, value in (("--extend", args.extend), ("--edit_strength", args.edit_strength),
+                                                    ("--image_guidance", args.image_guidance)) if value is not None]
+        if others:
+            raise ValueError(f"--cascade samples text->video; it does not combine with {others[0]}")
+        return "cascade"
     if len(chosen) > 1:
         raise ValueError(f"{' and '.join(chosen)} are different modes; use one at a time")
     for flag, value in (("--extend", args.extend), ("--edit_strength", args.edit_strength)):
@@ -169,6 +182,8 @@ def _prepare(args) -> Job:
     if args.num < 1:
         raise ValueError(f"--num must be >= 1, got {args.num}")
     mode = _mode(args)
+    if mode == "cascade":
+        return _prepare_cascade(args)
     cfg = checkpoints.read_config(args.workdir)
     frames = DEFAULT_FRAMES if args.frames is None else args.frames
     inputs, notes, out_frames = {}, [], frames
@@ -211,9 +226,35 @@ def _prepare(args) -> Job:
                paths=output_paths(args.out, args.num, out_frames), inputs=inputs, notes=tuple(notes))
 
 
+def _prepare_cascade(args) -> Job:
+    """--cascade: every folder is the right kind of run (a DiT, then SR runs on its VAE) and every stage's
+    size works, before anything is loaded."""
+    workdirs = [d.strip() for d in args.cascade.split(",")]
+    if len(workdirs) < 2 or not all(workdirs):
+        raise ValueError(f"--cascade {args.cascade!r}: give the base run and the SR run(s) as BASE_DIR,SR_DIR")
+    for workdir in workdirs:
+        if not os.path.isdir(workdir):
+            raise FileNotFoundError(f"--cascade: {workdir} is not a folder (a training run's workdir)")
+    cfgs = [checkpoints.read_config(workdir) for workdir in workdirs]
+    cascade.check_stages(cfgs, workdirs)
+    frames = DEFAULT_FRAMES if args.frames is None else args.frames
+    sizes = cascade.stage_sizes(cfgs, workdirs, frames=frames, height=args.height, width=args.width)
+    if args.steps is not None and args.steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {args.steps}")
+    steps = cfgs[0].diffusion.sample_steps if args.steps is None else args.steps
+    _, height, width = sizes[-1]
+    notes = (f"cascade: {' -> '.join('x'.join(map(str, size)) for size in sizes)}",)
+    return Job(mode="cascade", frames=frames, out_frames=frames, height=height, width=width, steps=steps,
+               paths=output_paths(args.out, args.num, frames), inputs={"workdirs": workdirs}, notes=notes)
+
+
 def _sample(run, job: Job, args, prompt: str, guidance: float) -> list[np.ndarray]:
     """The clips the job asks for: text->video packs all of them; the other modes make clip i from (seed, i)."""
     size = dict(height=job.height, width=job.width, steps=job.steps, guidance=guidance)
+    if job.mode == "cascade":  # `run` is the list of stages; each keeps its own steps and guidance unless given
+        return list(cascade.generate(run, [prompt] * args.num, frames=job.frames, height=job.height,
+                                     width=job.width, steps=args.steps, guidance=args.guidance, seed=args.seed,
+                                     progress=True))
     if job.mode == "text":
         return list(sampling.generate(run, [prompt] * args.num, frames=job.frames, seed=args.seed, progress=True,
                                       **size))
@@ -244,7 +285,13 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
     args = parser().parse_args(argv)
     try:
         job = _prepare(args)
-        run = sampling.load_run(args.workdir, use_ema=not args.raw)
+        if job.mode == "cascade":
+            stages = [sampling.load_run(workdir, use_ema=not args.raw, task="sr" if i else "dit")
+                      for i, workdir in enumerate(job.inputs["workdirs"])]
+            cascade.check_runs(stages)
+            run = stages[0]
+        else:
+            run = stages = sampling.load_run(args.workdir, use_ema=not args.raw)
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
@@ -256,7 +303,7 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
         prompt = expand_prompt(prompt, url=args.expand_url, model=args.expand_model, timeout=args.expand_timeout,
                                moving=job.out_frames > 1)
         print(f"prompt expanded to: {prompt}")
-    videos = _sample(run, job, args, prompt, guidance)
+    videos = _sample(stages, job, args, prompt, guidance)
     written = []
     for path, video in zip(job.paths, videos):
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

@@ -14,6 +14,8 @@ Each clip follows the time grid it was trained on: its timesteps are shifted by 
 use (soraax/capabilities.py), and an `init_tokens` latent to start from at a `strength` (SDEdit). With an
 `image_guidance` scale, guidance has two conditions (InstructPix2Pix): the text, and the held tokens; its
 three passes (neither, held tokens only, both) are again one DiT call on the rows stacked three times.
+A super-resolution run's clips also carry `lowres_tokens` (soraax/cascade.py), packed alongside and seen by
+every pass.
 
 Dimension key: R packed rows, S tokens a row (seq_len), L text tokens a row (text_len), P patch dim,
 N tokens of one clip, T/H/W pixel frames/height/width, t/h/w latent frames/height/width, C latent channels.
@@ -62,6 +64,8 @@ class Clip:
     (both or neither) hold the masked tokens at those clean values, shown to the DiT at t = 0.
     `init_tokens` [N, P] with `strength` in [0, 1] (SDEdit): start from init_tokens noised to the clip's
     t at `strength` instead of from pure noise; strength 1 (the default) ignores them.
+    `lowres_tokens` [N, Q] (a super-resolution run's clips, and only theirs): the low-res latent upsampled
+    onto the clip's grid and already noised to `lowres_aug` (soraax/cascade.py), aligned with its tokens.
     """
     prompt: str
     grid: tuple[int, int, int]
@@ -70,6 +74,8 @@ class Clip:
     cond_mask: np.ndarray | None = None
     init_tokens: np.ndarray | None = None
     strength: float = 1.0
+    lowres_tokens: np.ndarray | None = None
+    lowres_aug: float = 0.0
 
     @property
     def num_tokens(self) -> int:
@@ -170,15 +176,17 @@ def _single_host_config(cfg) -> ml_collections.ConfigDict:
     return cfg
 
 
-def load_run(workdir: str, use_ema: bool = True, step: int | None = None) -> Run:
-    """The DiT run in `workdir` at `step` (default: latest), EMA params unless `use_ema=False`.
+def load_run(workdir: str, use_ema: bool = True, step: int | None = None, task: str = "dit") -> Run:
+    """The DiT run in `workdir` at `step` (default: latest), EMA params unless `use_ema=False`; with
+    task="sr" a super-resolution stage (soraax/cascade.py).
 
     The VAE is `cfg.vae.checkpoint` or WORKDIR/vae, always its EMA params and cached latent statistics: the
     VAE that encoded the training latents.
     """
     cfg = checkpoints.read_config(workdir)
-    if cfg.task != "dit":
-        raise ValueError(f"{workdir} is a {cfg.task!r} run; sampling needs a DiT run (task 'dit')")
+    if cfg.task != task:
+        hint = (" - an SR run samples as a stage of --cascade BASE_DIR,SR_DIR" if cfg.task == "sr" else "")
+        raise ValueError(f"{workdir} is a {cfg.task!r} run; sampling it needs a {task!r} run{hint}")
     checkpoint_dir = os.path.join(workdir, "checkpoints")
     if not os.path.isdir(checkpoint_dir):
         raise FileNotFoundError(f"{workdir} has no checkpoints yet ({checkpoint_dir} does not exist): "
@@ -193,7 +201,7 @@ def load_run(workdir: str, use_ema: bool = True, step: int | None = None) -> Run
         if step not in steps:
             raise FileNotFoundError(f"{workdir} has no checkpoint at step {step}; it has steps {sorted(steps)}")
         mesh = sharding.make_mesh(cfg.mesh)
-        _, _, abstract = train.create_state(cfg, train.dit_task(cfg), mesh)
+        _, _, abstract = train.create_state(cfg, (train.sr_task if task == "sr" else train.dit_task)(cfg), mesh)
         field = "ema_params" if use_ema else "params"
         state = checkpoints.restore_weights(mngr, abstract, fields=(field,), step=step)
     finally:
@@ -241,7 +249,7 @@ def pack_rows(token_counts: Sequence[int], text_counts: Sequence[int], *, seq_le
     return rows
 
 
-def _check_conditioning(index: int, clip: Clip, patch_dim: int):
+def _check_conditioning(index: int, clip: Clip, patch_dim: int, lowres_dim: int = 0):
     if (clip.clean_tokens is None) != (clip.cond_mask is None):
         raise ValueError(f"clip {index}: clean_tokens and cond_mask come together; pass both or neither")
     if clip.cond_mask is not None and (np.shape(clip.clean_tokens) != (clip.num_tokens, patch_dim)
@@ -256,6 +264,12 @@ def _check_conditioning(index: int, clip: Clip, patch_dim: int):
     if clip.init_tokens is not None and np.shape(clip.init_tokens) != (clip.num_tokens, patch_dim):
         raise ValueError(f"clip {index} with grid {clip.grid}: init_tokens must be [{clip.num_tokens}, "
                          f"{patch_dim}]; got {np.shape(clip.init_tokens)}")
+    if (clip.lowres_tokens is not None) != bool(lowres_dim):
+        raise ValueError(f"clip {index}: lowres_tokens are the conditioning of a super-resolution run, and "
+                         f"every clip of one needs them; this run {'is' if lowres_dim else 'is not'} one")
+    if lowres_dim and np.shape(clip.lowres_tokens) != (clip.num_tokens, lowres_dim):
+        raise ValueError(f"clip {index} with grid {clip.grid}: lowres_tokens must be [{clip.num_tokens}, "
+                         f"{lowres_dim}]; got {np.shape(clip.lowres_tokens)}")
 
 
 def _packed_rows(run: Run, clips: Sequence[Clip], rows: Sequence[Sequence[int]], num_rows: int):
@@ -270,6 +284,10 @@ def _packed_rows(run: Run, clips: Sequence[Clip], rows: Sequence[Sequence[int]],
              "text_tokens": np.zeros((num_rows, l), np.int32), "text_segment_ids": np.zeros((num_rows, l), np.int32),
              "uncond_tokens": np.zeros((num_rows, l), np.int32),
              "uncond_segment_ids": np.zeros((num_rows, l), np.int32)}
+    lowres_dim = run.models.dit.lowres_dim
+    if lowres_dim:
+        batch["lowres_tokens"] = np.zeros((num_rows, s, lowres_dim), np.float32)
+        batch["lowres_aug"] = np.zeros((num_rows, s), np.float32)
     empty = tokenizer.encode("", l)
     places = {}
     for r, members in enumerate(rows):
@@ -287,6 +305,9 @@ def _packed_rows(run: Run, clips: Sequence[Clip], rows: Sequence[Sequence[int]],
             if clip.init_tokens is not None:
                 batch["init_tokens"][r, video] = clip.init_tokens
             batch["strength"][r, video] = clip.strength
+            if lowres_dim:
+                batch["lowres_tokens"][r, video] = clip.lowres_tokens
+                batch["lowres_aug"][r, video] = clip.lowres_aug
             caption = tokenizer.encode(clip.prompt, l)
             batch["text_tokens"][r, text_start:text_start + len(caption)] = caption
             batch["text_segment_ids"][r, text_start:text_start + len(caption)] = segment
@@ -341,10 +362,13 @@ def _sample_rows(params, rows, guidance, image_guidance, *, dit, text_encoder, s
     def model_fn(x_RxSxP, t_RxS, conditioning):
         if "release" in conditioning:
             x_RxSxP, t_RxS = _released(x_RxSxP, t_RxS, conditioning, max_segments)
+        lowres = {}
+        if "lowres_tokens" in conditioning:  # a super-resolution run: every pass sees the low-res latent
+            lowres = dict(lowres_BxSxQ=conditioning["lowres_tokens"], aug_BxS=conditioning["lowres_aug"])
         return dit.apply({"params": params["dit"]}, x_RxSxP, conditioning["coords"], conditioning["segment_ids"],
-                         t_RxS, conditioning["text_states"], conditioning["text_segment_ids"])
+                         t_RxS, conditioning["text_states"], conditioning["text_segment_ids"], **lowres)
 
-    video = {"coords": rows["coords"], "segment_ids": rows["segment_ids"]}
+    video = {k: rows[k] for k in ("coords", "segment_ids", "lowres_tokens", "lowres_aug") if k in rows}
     full = {"text_states": encode_text(rows["text_tokens"], rows["text_segment_ids"]),
             "text_segment_ids": rows["text_segment_ids"], **video}
     if passes == "cond":
@@ -384,7 +408,7 @@ def sample_latents(run: Run, clips: Sequence[Clip], *, steps: int, guidance: flo
     if not clips:
         return []
     for i, clip in enumerate(clips):
-        _check_conditioning(i, clip, models.dit.patch_dim)
+        _check_conditioning(i, clip, models.dit.patch_dim, models.dit.lowres_dim)
     text_counts = [len(models.tokenizer.encode(c.prompt, cfg.text_len)) for c in clips]
     rows = pack_rows([c.num_tokens for c in clips], text_counts, seq_len=cfg.seq_len, text_len=cfg.text_len,
                      max_segments=cfg.max_segments)

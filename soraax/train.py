@@ -1,8 +1,9 @@
 """Training: `python -m soraax.train --config configs/tiny.py --workdir runs/tiny [--config.KEY=VALUE ...]`.
 
-One loop for both tasks of a config: `dit` (the diffusion transformer with its text encoder, on packed
-latent patches) and `vae` (the causal video VAE, on fixed-size crops). A DiT config whose
-`vae.checkpoint` is empty trains its VAE first, into WORKDIR/vae. The loop only moves data, calls the
+One loop for the tasks of a config: `dit` (the diffusion transformer with its text encoder, on packed
+latent patches), `vae` (the causal video VAE, on fixed-size crops) and `sr` (a super-resolution stage of a
+cascade: the DiT also seeing the upsampled low-res latent, on its base's frozen VAE; soraax/cascade.py). A
+DiT config whose `vae.checkpoint` is empty trains its VAE first, into WORKDIR/vae. The loop only moves data, calls the
 jitted step, logs and saves; everything else is a pure function of `(state, batch, rng)`.
 
 Flags: --config FILE, --workdir DIR, --config.KEY=VALUE, --dry_run (sizes and the batch/mesh it would
@@ -32,7 +33,8 @@ from absl import logging as absl_logging
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from soraax import checkpoints, config as config_lib, diffusion, distributed, flops, packing, preemption, sharding
+from soraax import cascade, checkpoints, config as config_lib, diffusion, distributed, flops, packing, preemption
+from soraax import sharding
 from soraax import topology
 from soraax.data import pipeline
 from soraax.models import Models, build, build_vae
@@ -139,9 +141,23 @@ def text_conditioning(models: Models, cfg, empty_states=None):
     return encoded
 
 
+def lowres_conditioning(models: Models, cfg):
+    """(batch, key) -> the DiT's low-res inputs: {} for a text-to-video DiT; for an SR stage the batch's
+    `lowres_tokens` noise-augmented per clip to a level in [0, sr.max_aug], and that level (cascade.py)."""
+    if not models.dit.lowres_dim:
+        return lambda batch, key: {}
+
+    def augmented(batch, key):
+        lowres, aug = cascade.augment_per_segment(key, batch["lowres_tokens"], batch["segment_ids"],
+                                                  max_segments=cfg.max_segments, max_aug=float(cfg.sr.max_aug))
+        return {"lowres_BxSxQ": lowres, "aug_BxS": aug}
+    return augmented
+
+
 def dit_loss_fn(models: Models, cfg, empty_states=None):
     d = cfg.diffusion
     text_fn = text_conditioning(models, cfg, empty_states)
+    lowres_fn = lowres_conditioning(models, cfg)
 
     def loss_fn(params, batch, rng):
         k_drop, k_t, k_eps = jax.random.split(rng, 3)
@@ -151,8 +167,9 @@ def dit_loss_fn(models: Models, cfg, empty_states=None):
                                           base_tokens=d.base_tokens, mean=d.t_mean, std=d.t_std)
         eps = jax.random.normal(k_eps, x0.shape, x0.dtype)
         x_t = jnp.where(cond_mask[..., None], x0, diffusion.flow_interpolate(x0, eps, t))
+        # A key of its own (folded, not split): the text-to-video DiT's draws stay what they always were.
         v = models.dit.apply({"params": params["dit"]}, x_t, batch["coords"], segment_ids, t, text_states,
-                             text_segment_ids)
+                             text_segment_ids, **lowres_fn(batch, jax.random.fold_in(rng, 1)))
         return diffusion.masked_mse(v, diffusion.flow_velocity_target(x0, eps), segment_ids, cond_mask), {}
     return loss_fn
 
@@ -182,10 +199,12 @@ def _abstract_dit_batch(cfg, rows: int, models: Models | None = None) -> dict:
              "text_tokens": jnp.ones((rows, l), jnp.int32), "text_segment_ids": jnp.ones((rows, l), jnp.int32)}
     if caches_text(cfg):
         batch["text_states"] = jnp.zeros((rows, l, models.text.width), jnp.float32)
+    if models.dit.lowres_dim:
+        batch["lowres_tokens"] = jnp.zeros((rows, s, models.dit.lowres_dim), jnp.float32)
     return batch
 
 
-def dit_task(cfg, vae_params=None, latent_stats=((0.0,), (1.0,))) -> Task:
+def dit_task(cfg, vae_params=None, latent_stats=((0.0,), (1.0,)), make_batches=pipeline.dit_batches) -> Task:
     mean, std = latent_stats
     models = build(cfg, latent_mean=mean, latent_std=std)
     text, cached = models.text, caches_text(cfg)
@@ -199,8 +218,11 @@ def dit_task(cfg, vae_params=None, latent_stats=((0.0,), (1.0,))) -> Task:
         k_text, k_dit = jax.random.split(key)
         batch = _abstract_dit_batch(cfg, 1, models)
         text_states = jnp.zeros((1, cfg.text_len, text.width), jnp.float32)
+        lowres = {}
+        if models.dit.lowres_dim:
+            lowres = dict(lowres_BxSxQ=batch["lowres_tokens"], aug_BxS=jnp.zeros((1, cfg.seq_len)))
         dit_vars = models.dit.init(k_dit, batch["tokens"], batch["coords"], batch["segment_ids"],
-                                   jnp.zeros((1, cfg.seq_len)), text_states, batch["text_segment_ids"])
+                                   jnp.zeros((1, cfg.seq_len)), text_states, batch["text_segment_ids"], **lowres)
         if text.frozen:
             return {"dit": dit_vars["params"]}
         text_vars = text.module.init(k_text, batch["text_tokens"], batch["text_segment_ids"])
@@ -219,10 +241,9 @@ def dit_task(cfg, vae_params=None, latent_stats=((0.0,), (1.0,))) -> Task:
         # a computation over the global mesh would have to be launched by every process in step.
         local_params = jax.device_put(distributed.host_copy(vae_params), jax.local_devices()[0])
         encode = jax.jit(lambda p, v: models.vae.apply({"params": p}, v[None], method=VideoVAE.encode)[0][0])
-        return pipeline.dit_batches(cfg, lambda video: np.asarray(encode(local_params, video)),
-                                    process_index=process_index, process_count=process_count,
-                                    tokenizer=text.tokenizer,
-                                    encode_text=CaptionStates(text, host_text_params) if cached else None)
+        return make_batches(cfg, lambda video: np.asarray(encode(local_params, video)),
+                            process_index=process_index, process_count=process_count, tokenizer=text.tokenizer,
+                            encode_text=CaptionStates(text, host_text_params) if cached else None)
 
     video = jax.sharding.PartitionSpec(("data", "fsdp"), "context")
     text_spec = jax.sharding.PartitionSpec(("data", "fsdp"))
@@ -240,6 +261,16 @@ def dit_task(cfg, vae_params=None, latent_stats=((0.0,), (1.0,))) -> Task:
                 frozen_abstract=(lambda: {"text": text_abstract()}) if frozen_in_step else dict,
                 load_frozen=(lambda shardings: {"text": frozen_params(text, shardings["text"])})
                 if frozen_in_step else None)
+
+
+def sr_task(cfg, vae_params=None, latent_stats=((0.0,), (1.0,))) -> Task:
+    """A super-resolution stage: the DiT task (same step, text path and packing) whose DiT also sees each
+    clip's low-res latent, encoded by the same frozen VAE from the crop downscaled by sr.spatial_factor (and
+    sr.temporal_factor) and upsampled back onto the clip's patch grid (pipeline.sr_batches), noise-augmented
+    in the step (lowres_conditioning)."""
+    task = dit_task(cfg, vae_params, latent_stats, make_batches=pipeline.sr_batches)
+    specs = {**task.batch_specs, "lowres_tokens": task.batch_specs["tokens"]}
+    return dataclasses.replace(task, name="sr", batch_specs=specs)
 
 
 def vae_task(cfg) -> Task:
@@ -510,16 +541,17 @@ def run(cfg, workdir: str) -> list[dict]:
         raise config_lib.ConfigError(f"--workdir {workdir} is a file, not a folder")
     if cfg.task == "vae":
         return train(cfg, workdir, vae_task(cfg))
-    vae_dir = ensure_vae(cfg, workdir)
+    vae_dir = ensure_vae(cfg, workdir)  # an SR config names its base's VAE (validated), so never trains one
     stats = vae_latent_stats(cfg, vae_dir)
-    return train(cfg, workdir, dit_task(cfg, load_vae_params(cfg, vae_dir), stats))
+    make_task = sr_task if cfg.task == "sr" else dit_task
+    return train(cfg, workdir, make_task(cfg, load_vae_params(cfg, vae_dir), stats))
 
 
 # -------------------------------------------------------------------------------------------- CLI
 
 
 def _abstract_batch(cfg) -> dict:
-    if cfg.task == "dit":
+    if cfg.task in ("dit", "sr"):
         return jax.eval_shape(lambda: _abstract_dit_batch(cfg, cfg.batch_size))
     return {"video": jax.ShapeDtypeStruct((cfg.vae.batch_size, *cfg.vae.crop, 3), jnp.float32)}
 
@@ -527,10 +559,10 @@ def _abstract_batch(cfg) -> dict:
 def lower_step(cfg, mesh):
     """(lowered train step, abstract state, tokens per step): the step `train` runs, lowered for `mesh` on
     shapes alone. The mesh's devices may be compile-only (a TPU topology, see soraax/topology.py)."""
-    task = dit_task(cfg) if cfg.task == "dit" else vae_task(cfg)
+    task = {"dit": dit_task, "sr": sr_task, "vae": vae_task}[cfg.task](cfg)
     _, step_fn, abstract = sharded_step(cfg, task, mesh)
     batch = _abstract_batch(cfg)
-    if cfg.task == "dit":
+    if cfg.task in ("dit", "sr"):
         tokens = cfg.batch_size * cfg.seq_len
     else:  # pixels: a VAE batch is dense
         tokens = int(np.prod(batch["video"].shape[:-1]))
@@ -548,7 +580,7 @@ def describe(cfg, *, compile_step: bool) -> dict:
     batch = _abstract_batch(cfg)
     info = {"task": cfg.task, "params": _param_count(abstract), "mesh": dict(mesh.shape),
             "batch": {k: list(v.shape) for k, v in batch.items()}, "tokens_per_step": tokens}
-    if cfg.task == "dit":
+    if cfg.task in ("dit", "sr"):
         info.update(flops.dit_train_flops(cfg, abstract.params, abstract.frozen))
     else:  # no scanned stack: XLA's own count is whole
         info["flops_per_step"] = float((lowered.cost_analysis() or {}).get("flops", float("nan")))

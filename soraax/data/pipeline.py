@@ -22,7 +22,7 @@ import grain
 import numpy as np
 from absl import flags
 
-from soraax import packing, patches
+from soraax import cascade, packing, patches
 from soraax.config import ConfigError
 from soraax.data import conditioning, folder
 from soraax.data.folder import ManifestSource, decode_clip
@@ -263,19 +263,87 @@ def dit_batches(cfg, encode: EncodeFn, *, process_index: int = 0, process_count:
     `tokenizer` is the text encoder's (default: bytes); with `encode_text` (a frozen encoder's cache) the
     batches also carry `text_states` [rows, text_len, width], packed like `text_tokens`.
     """
+    prepare = _PrepareForDiT(cfg, ByteTokenizer() if tokenizer is None else tokenizer)
+    return _packed_batches(cfg, prepare, _encode_and_patchify(encode, tuple(cfg.model.patch_size), encode_text),
+                           process_index=process_index, process_count=process_count,
+                           with_text_states=encode_text is not None)
+
+
+def _packed_batches(cfg, prepare, to_tokens, *, process_index, process_count, with_text_states,
+                    after_packing=None) -> grain.IterDataset:
     if cfg.batch_size % process_count:
         raise ValueError(f"config.batch_size={cfg.batch_size} must divide evenly over {process_count} hosts")
     ds, per_epoch = _decoded_clips(cfg, process_index=process_index, process_count=process_count)
-    prepare = _PrepareForDiT(cfg, ByteTokenizer() if tokenizer is None else tokenizer)
     ds = _worker_processes(ds.random_map(prepare, seed=cfg.seed).to_iter_dataset(), cfg.data.workers)
     ds = _count_skips(ds, per_epoch, cfg.data)
-    ds = ds.map(_encode_and_patchify(encode, tuple(cfg.model.patch_size), encode_text))
+    ds = ds.map(to_tokens)
     ds = packing.pack_clips(ds, seq_len=cfg.seq_len, text_len=cfg.text_len, max_segments=cfg.max_segments,
                             num_packing_bins=cfg.data.packing_bins, strategy=cfg.data.packing, seed=cfg.seed,
-                            with_text_states=encode_text is not None)
+                            with_text_states=with_text_states)
+    if after_packing is not None:
+        ds = ds.map(after_packing)
     ds = ds.batch(cfg.batch_size // process_count, drop_remainder=True)
     # The VAE encode above is host work: a thread keeps the next batches coming while the step runs.
     return grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=2)
+
+
+# ------------------------------------------------------------------------------- super-resolution
+
+
+class _PrepareForSR(_PrepareForDiT):
+    """As for the DiT, with the high-res clip sized so that it downscales to whole latents
+    (cascade.sr_budget), and its low-res version alongside: the same crop downscaled by sr.spatial_factor
+    and sr.temporal_factor (cascade.downscale_video). An SR stage holds no frames (config: data.cond_*_rate
+    are 0): its conditioning is the low-res clip."""
+
+    def __init__(self, cfg, tokenizer):
+        super().__init__(cfg, tokenizer)
+        self.budget = cascade.sr_budget(cfg)
+        self.factors = cascade.factors(cfg)
+        self.vae_temporal = int(cfg.vae.temporal_factor)
+
+    def random_map(self, example: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+        out = super().random_map(example, rng)
+        if folder.is_skipped(out):
+            return out
+        latent_frames = 1 + (len(out["video"]) - 1) // self.vae_temporal
+        return {**out, "lowres_video": cascade.downscale_video(out["video"], *self.factors),
+                "held_time_patches": np.zeros(latent_frames // self.time_patch, bool)}
+
+
+def _encode_for_sr(encode: EncodeFn, cfg, encode_text: EncodeTextFn | None) -> Callable[[dict], dict]:
+    patch_size = tuple(int(p) for p in cfg.model.patch_size)
+    to_tokens = _encode_and_patchify(encode, patch_size, encode_text)
+
+    def fn(example):
+        out = to_tokens(example)
+        lowres_NxQ, grid = cascade.lowres_tokens(cfg, np.asarray(encode(example["lowres_video"])))
+        if lowres_NxQ.shape[0] != out["tokens"].shape[0] or grid != patches.grid_from_coords(out["coords"]):
+            raise ValueError(f"the low-res clip {example['lowres_video'].shape} upsamples to patch grid {grid}, "
+                             f"not the high-res clip's {patches.grid_from_coords(out['coords'])} "
+                             f"({example['video'].shape})")
+        # The conditioning rides in the same feature row as the token it conditions: Grain's packer then
+        # places it, pads it and cuts rows exactly as it does the tokens; `split` takes it out again.
+        return {**out, "tokens": np.concatenate([out["tokens"], lowres_NxQ.astype(np.float32)], axis=-1)}
+    return fn
+
+
+def sr_batches(cfg, encode: EncodeFn, *, process_index: int = 0, process_count: int = 1, tokenizer=None,
+               encode_text: EncodeTextFn | None = None) -> grain.IterDataset:
+    """A super-resolution stage's packed batches: `dit_batches`' rows (at the high resolution) that also
+    carry `lowres_tokens` [rows, seq_len, Q], aligned token for token with `tokens` (0 on padding): each
+    clip's low-res version encoded by the same frozen VAE and upsampled onto its patch grid
+    (soraax/cascade.py). Noise augmentation happens in the train step, not here."""
+    patch_dim = patches.patch_dim(tuple(cfg.model.patch_size), cfg.vae.latent_channels)
+
+    def split(row):
+        tokens = row["tokens"]
+        return {**row, "tokens": tokens[..., :patch_dim], "lowres_tokens": tokens[..., patch_dim:]}
+
+    prepare = _PrepareForSR(cfg, ByteTokenizer() if tokenizer is None else tokenizer)
+    return _packed_batches(cfg, prepare, _encode_for_sr(encode, cfg, encode_text), process_index=process_index,
+                           process_count=process_count, with_text_states=encode_text is not None,
+                           after_packing=split)
 
 
 class _CropForVAE(grain.transforms.RandomMap):
