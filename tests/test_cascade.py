@@ -26,6 +26,7 @@ BASE = {
     "vae.norm_groups": 2, "vae.latent_channels": 4, "vae.crop": (5, 16, 16), "vae.train_steps": 2,
     "total_steps": 2, "checkpoint_every": 1, "batch_size": 2, "seq_len": 64, "text_len": 96,
     "max_segments": 4, "data.token_budget": 32, "diffusion.sample_steps": 1, "diffusion.guidance": 3.0,
+    "model.text_encoder": "bytes", "model.text_cache": False, "vae.patch_size": 1,
 }
 SR = {**BASE, "seq_len": 128, "data.token_budget": 32, "data.max_frames": 5, "data.packing_bins": 4,
       "checkpoint_every": 2, "log_every": 1, "warmup_steps": 1}

@@ -43,7 +43,7 @@ def test_every_shipped_config_loads_and_validates(path):
     ("vae.crop", (5, 32), "config.vae.crop: must be (frames, height, width), got (5, 32)"),
     ("vae.crop", (5, 32, 32, 1), "config.vae.crop: must be (frames, height, width)"),
     ("vae.widths", (8, 16), "config.vae.widths: widths (8, 16) has 2 levels"),
-    ("vae.spatial_factor", 8, "config.vae.widths: widths (8, 16, 32) has 3 levels, but spatial_factor=8"),
+    ("vae.spatial_factor", 16, "config.vae.widths: widths (8, 16, 32) has 3 levels, but spatial_factor=16"),
     ("mesh.data", None, "config.mesh.data: must be a positive int or -1"),
     ("mesh.fsdp", -1, "config.mesh: at most one axis may be -1"),
     ("seed", 2**32, "config.seed: must be < 2**32"),
