@@ -1,0 +1,96 @@
+"""The benchmark scripts run at `--tiny` size and print well-formed JSON lines; they measure nothing here.
+
+Each script runs in a subprocess, as a user runs it. Those that compile a train step take tens of seconds on
+2 cores, so they are `slow`; the attention script and the shared helpers are the fast checks.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from helpers import ROOT
+
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+import common  # noqa: E402
+import peer  # noqa: E402
+
+
+def run_script(name: str, *args: str, timeout: int = 600) -> list[dict]:
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", name), "--tiny", *args], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = [line for line in done.stdout.splitlines() if line.strip()]
+    assert lines, f"{name} printed nothing on stdout; stderr:\n{done.stderr[-3000:]}"
+    return [json.loads(line) for line in lines]  # every stdout line is one JSON object
+
+
+def test_overrides_are_read_as_the_keys_type():
+    p = common.parser("x")
+    args, overrides = common.parse(p, ["--tiny", "--config.model.width=64", "--config.model.patch_size", "(1, 2, 2)"])
+    assert args.tiny and overrides == {"model.width": "64", "model.patch_size": "(1, 2, 2)"}
+    cfg = common.load_config(common.TINY_CONFIG, {**overrides, "model.attn_impl": "chunked"}, tiny=True)
+    assert cfg.model.width == 64 and tuple(cfg.model.patch_size) == (1, 2, 2) and cfg.model.attn_impl == "chunked"
+    with pytest.raises(Exception, match="model.widht"):
+        common.load_config(common.TINY_CONFIG, {"model.widht": "64"})
+
+
+def test_summary_and_json_lines(capsys):
+    timing = common.summarise([2.0, 1.0, 3.0])
+    assert timing["median_s"] == 2.0 and timing["spread"] == 1.0 and timing["n"] == 3
+    common.emit({"x": float("nan"), "n": 3})
+    assert json.loads(capsys.readouterr().out) == {"x": None, "n": 3}
+
+
+def test_attention_tiny():
+    records = run_script("attention.py", "--lengths", "128")
+    by_impl = {r["impl"]: r for r in records}
+    assert set(by_impl) == {"xla", "chunked", "splash", "cudnn"}
+    for impl in ("xla", "chunked"):
+        assert by_impl[impl]["status"] == "ok" and by_impl[impl]["fwd_bwd_s"] > 0 and by_impl[impl]["temp_bytes"] > 0
+    assert by_impl["splash"]["status"].startswith("unavailable")
+
+
+@pytest.mark.slow
+def test_throughput_tiny():
+    (record,) = run_script("throughput.py")
+    assert record["benchmark"] == "throughput" and record["real_tokens_per_sec"] > 0
+    assert 0 < record["mfu"] and 0 < record["packing_efficiency"] <= 1
+    assert record["flops_per_step"] > 0 and record["loader"]["real_tokens_per_sec"] > 0
+
+
+@pytest.mark.slow
+def test_packing_tiny():
+    (record,) = run_script("packing.py")
+    for scheme in ("packed", "padded", "bucketed"):
+        assert 0 < record[scheme]["packing_efficiency"] <= 1 and record[scheme]["real_tokens_per_sec"] > 0
+    assert record["packed_over_padded"]["real_tokens_per_sec"] > 0
+
+
+@pytest.mark.slow
+def test_scaling_tiny():
+    records = run_script("scaling.py", "--topologies", "")
+    summary = [r for r in records if r.get("summary")]
+    assert len(summary) == 1 and summary[0]["devices"] == [1, 2]
+    assert all(r["real_tokens_per_sec"] > 0 for r in records if not r.get("summary"))
+
+
+@pytest.mark.slow
+def test_peer_tiny():
+    python = peer.REF_PYTHON if os.path.exists(peer.REF_PYTHON) else sys.executable
+    missing = peer.torch_available(python)
+    if missing:
+        pytest.skip(missing)
+    records = run_script("peer.py", "--torch_python", python)
+    same = next(r for r in records if r["comparison"] == "same_shapes")
+    assert same["torch_status"] == "ok" and same["soraax_over_torch"]["tokens_per_sec"] > 0
+    mixed = next(r for r in records if r["comparison"] == "mixed_aspect")
+    assert mixed["soraax_over_torch"]["real_tokens_per_sec"] > 0
+
+
+def test_peer_says_when_torch_is_missing():
+    message = peer.torch_available(os.path.join(ROOT, "no", "such", "python"))
+    assert message and "no/such/python" in message
