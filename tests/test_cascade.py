@@ -18,16 +18,10 @@ from soraax.data import pipeline
 from soraax.data.video_io import read_video
 from soraax.vae import pool_pixels
 from helpers import ROOT, perturb
+from test_sampling import TINY
 
 # test_sampling's micro base (8-pixel patches: 4x VAE, 2x2 patch) and its 2x SR stage, 4x the tokens.
-BASE = {
-    "model.width": 32, "model.depth": 1, "model.heads": 4, "model.text_width": 16, "model.text_depth": 1,
-    "model.text_heads": 2, "vae.widths": (4, 4, 4), "vae.spatial_factor": 4, "vae.temporal_factor": 4,
-    "vae.norm_groups": 2, "vae.latent_channels": 4, "vae.crop": (5, 16, 16), "vae.train_steps": 2,
-    "total_steps": 2, "checkpoint_every": 1, "batch_size": 2, "seq_len": 64, "text_len": 96,
-    "max_segments": 4, "data.token_budget": 32, "diffusion.sample_steps": 1, "diffusion.guidance": 3.0,
-    "model.text_encoder": "bytes", "model.text_cache": False, "vae.patch_size": 1,
-}
+BASE = {**TINY, "diffusion.sample_steps": 1}
 SR = {**BASE, "seq_len": 128, "data.token_budget": 32, "data.max_frames": 5, "data.packing_bins": 4,
       "checkpoint_every": 2, "log_every": 1, "warmup_steps": 1}
 PROMPT = "a red square moving left"

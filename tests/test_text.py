@@ -132,7 +132,7 @@ def test_bfloat16_encoder_is_finite():
 def test_rows_longer_than_max_len_and_bad_impl_are_refused():
     tokens, segment_ids = _pack(CAPTIONS)
     long_tokens, long_ids = np.pad(tokens, ((0, 0), (0, 1))), np.pad(segment_ids, ((0, 0), (0, 1)))
-    with pytest.raises(ValueError, match="row length 49 exceeds the encoder's max_len=48"):
+    with pytest.raises(ValueError, match="row length 49 exceeds the byte encoder's 48 positions"):
         ENCODER.apply(PARAMS, long_tokens, long_ids)
     with pytest.raises(ValueError, match="attn_impl='flash'"):
         ENCODER.clone(attn_impl="flash").apply(PARAMS, tokens, segment_ids)

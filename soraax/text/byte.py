@@ -20,6 +20,7 @@ import numpy as np
 from soraax.attention import IMPLS
 from soraax.layers import Mlp, MultiHeadAttention
 from soraax.packing import positions_from_segment_ids
+from soraax.text.rows import check_rows
 
 
 class ByteTokenizer:
@@ -125,14 +126,7 @@ class TextEncoder(nn.Module):
 
     @nn.compact
     def __call__(self, text_tokens, text_segment_ids):
-        if text_tokens.ndim != 2 or text_tokens.shape != text_segment_ids.shape:
-            raise ValueError(f"text_tokens and text_segment_ids must both be [B, L]; "
-                             f"got {text_tokens.shape} and {text_segment_ids.shape}")
-        if text_tokens.shape[1] > self.max_len:
-            # A caption's position is below the row length, so a row no longer than max_len always has an
-            # embedding for every position.
-            raise ValueError(f"text row length {text_tokens.shape[1]} exceeds the encoder's "
-                             f"max_len={self.max_len}")
+        check_rows(text_tokens, text_segment_ids, self.max_len, "the byte encoder")
         if self.attn_impl not in IMPLS:
             raise ValueError(f"TextEncoder.attn_impl={self.attn_impl!r}; valid ones are {IMPLS}")
 

@@ -62,7 +62,10 @@ def _load_pretrained(kind: str, path: str, dtype_name: str) -> PretrainedText:
     return load_t5_encoder(path, dtype=dtype)
 
 
-def build_text_model(model_cfg, *, text_len: int, dtype) -> TextModel:
+def build_text_model(model_cfg, *, text_len: int, dtype, default_path: str = "") -> TextModel:
+    """`default_path`: the encoder folder when model.text_encoder_path is empty (a Wan folder's text_encoder/
+    under config.init_from). With neither, `model.text_encoder_shape` may name a published shape: the module
+    without weights, enough for --dry_run and --compile_only."""
     kind = model_cfg.get("text_encoder", "bytes")  # .get: runs written before the key existed were bytes
     if kind == "bytes":
         module = TextEncoder(vocab_size=ByteTokenizer.vocab_size, width=model_cfg.text_width,
@@ -71,7 +74,13 @@ def build_text_model(model_cfg, *, text_len: int, dtype) -> TextModel:
         return TextModel(module, ByteTokenizer(), model_cfg.text_width)
     if kind not in KINDS:
         raise ValueError(f"config.model.text_encoder={kind!r} is not one of {KINDS}")
-    pretrained = _load_pretrained(kind, model_cfg.get("text_encoder_path", ""), jnp.dtype(dtype).name)
+    path = model_cfg.get("text_encoder_path", "") or default_path
+    shape = model_cfg.get("text_encoder_shape", "")
+    if kind == "t5" and not path and shape:
+        from soraax.text.t5 import shape_only_t5
+        pretrained = shape_only_t5(shape, dtype=dtype)
+    else:
+        pretrained = _load_pretrained(kind, path, jnp.dtype(dtype).name)
     return TextModel(pretrained.module, pretrained.tokenizer, pretrained.width, pretrained)
 
 
@@ -79,6 +88,10 @@ def frozen_params(text: TextModel, shardings=None):
     """The frozen encoder's params: placed in `shardings` (each device reads its own shard), or numpy."""
     if not text.frozen:
         raise ValueError("the byte-level text encoder is trained with the DiT; it has no frozen params")
+    if text.pretrained.params is None:
+        raise FileNotFoundError(f"the text encoder {text.pretrained.folder} is a shape without weights (enough to "
+                                "describe or compile a run); set config.model.text_encoder_path, or config.init_from "
+                                "to a Wan folder, to train or sample")
     if shardings is None:
         return weights.materialise(text.pretrained.params)
     return weights.place(text.pretrained.params, shardings)

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 from soraax import weights
 from soraax.packing import positions_from_segment_ids
 from soraax.text.pretrained import HFTokenizer, PretrainedText, abstract_params
+from soraax.text.rows import check_rows
 
 FFNS = ("relu", "gated-gelu")
 # HF's default feed_forward_proj when config.json omits it: T5Config's is "relu", MT5's and UMT5's "gated-gelu".
@@ -158,9 +159,7 @@ class T5Encoder(nn.Module):
 
     @nn.compact
     def __call__(self, text_tokens_BxL, text_segment_ids_BxL):
-        if text_tokens_BxL.ndim != 2 or text_tokens_BxL.shape != text_segment_ids_BxL.shape:
-            raise ValueError(f"text_tokens and text_segment_ids must both be [B, L]; "
-                             f"got {text_tokens_BxL.shape} and {text_segment_ids_BxL.shape}")
+        check_rows(text_tokens_BxL, text_segment_ids_BxL)  # relative positions: any row length
         if self.ffn not in FFNS:
             raise ValueError(f"T5Encoder.ffn={self.ffn!r}; valid ones are {FFNS}")
         if jnp.dtype(self.dtype) == jnp.float16:
@@ -216,6 +215,22 @@ def t5_from_config(config: dict, *, dtype=jnp.float32, where: str = "config.json
                      relative_attention_max_distance=config.get("relative_attention_max_distance", 128),
                      per_layer_bias=model_type == "umt5",
                      layer_norm_epsilon=config.get("layer_norm_epsilon", 1e-6), dtype=dtype)
+
+
+# Published encoder shapes, for describing a run before its weights are downloaded (no tokenizer, no params).
+SHAPES = {
+    # google/umt5-xxl's encoder, Wan 2.1's text encoder (its text_encoder/config.json).
+    "umt5-xxl": {"model_type": "umt5", "vocab_size": 256384, "d_model": 4096, "num_layers": 24, "num_heads": 64,
+                 "d_kv": 64, "d_ff": 10240, "feed_forward_proj": "gated-gelu",
+                 "relative_attention_num_buckets": 32, "relative_attention_max_distance": 128},
+}
+
+
+def shape_only_t5(name: str, *, dtype=jnp.float32) -> PretrainedText:
+    if name not in SHAPES:
+        raise ValueError(f"text encoder shape {name!r} is not one of {sorted(SHAPES)}")
+    module = t5_from_config(SHAPES[name], dtype=jnp.dtype(dtype), where=f"shape {name!r}")
+    return PretrainedText(module=module, tokenizer=None, params=None, width=module.width, folder=f"<shape {name}>")
 
 
 def _t5_params(taker: weights.Taker, module: T5Encoder, embed_name: str) -> dict:
