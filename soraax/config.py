@@ -20,7 +20,7 @@ from soraax.attention import IMPLS
 from soraax.cascade import UPSAMPLE_METHODS, sr_budget
 from soraax.dit import REMAT_POLICIES
 from soraax.sharding import MESH_AXES
-from soraax.vae import stage_plan  # the one statement of how widths follow from the factors
+from soraax.vae import RESAMPLES, TIME_PADDINGS, stage_plan  # stage_plan: how widths follow from the factors
 
 TASKS = ("dit", "vae", "sr")
 SOURCES = ("synthetic", "folder", "tfds")
@@ -172,9 +172,10 @@ def _validate_text_encoder(cfg) -> None:
                  "caches a frozen encoder's states; the byte encoder is trained with the DiT")
         return
     from soraax.text.encoders import build_text_model
+    from soraax.wan.folder import wan_text_encoder_path
     from soraax.weights import WeightsError
     try:
-        text = build_text_model(m, text_len=cfg.text_len, dtype=m.dtype)
+        text = build_text_model(m, text_len=cfg.text_len, dtype=m.dtype, default_path=wan_text_encoder_path(cfg))
     except (FileNotFoundError, ValueError, KeyError, WeightsError) as error:
         raise ConfigError(f"config.model.text_encoder={kind!r}: {error}") from error
     limit = getattr(text.module, "max_positions", None)
@@ -284,6 +285,7 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
     _require(cfg.max_segments <= cfg.seq_len, "max_segments",
              f"{cfg.max_segments} clips a row cannot fit seq_len={cfg.seq_len} tokens (a clip takes at least one)")
     _validate_text_encoder(cfg)
+    _validate_wan(cfg)
     _ints(cfg, "model.patch_size", 3, "three positive ints (time, height, width)")
     v = cfg.vae
     for key in ("spatial_factor", "temporal_factor"):
@@ -297,13 +299,29 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
     _require(not shortcuts or v.latent_channels >= 3, "vae.shortcuts",
              f"the pixel shortcut needs vae.latent_channels >= 3, got {v.latent_channels}")
     widths = _ints(cfg, "vae.widths", None, "a tuple of positive ints (channels per resolution level)")
+    # Wan 2.1's layout switches (soraax.vae.VAE_WAN21); absent keys keep soraax's own VAE.
+    _choice(cfg, "vae.time_padding", TIME_PADDINGS, default="replicate")
+    resample = _choice(cfg, "vae.resample", RESAMPLES, default="conv3d")
+    _require(not shortcuts or resample == "conv3d", "vae.shortcuts", "the shortcuts need vae.resample='conv3d'")
+    _require(resample != "separable" or all(w % 2 == 0 for w in widths[1:]), "vae.widths",
+             f"separable resampling halves the channels of each upsample: widths {widths} must be even after "
+             "the first")
+    for key in ("vae.mid_attention", "vae.quant_convs"):
+        _bool(cfg, key, default=False)
+    _number(cfg, "vae.norm_eps", 0.0, default=1e-6)
+    if _value(cfg, "vae.decoder_res_blocks", None) is not None:
+        _int(cfg, "vae.decoder_res_blocks")
+    temporal_stages = _value(cfg, "vae.temporal_stages", None)
+    _require(temporal_stages is None or (isinstance(temporal_stages, (tuple, list))
+                                         and all(isinstance(t, bool) for t in temporal_stages)),
+             "vae.temporal_stages", f"must be None or a tuple of bools (one a down stage), got {temporal_stages!r}")
     if shortcuts:
         sizes = [*widths, v.latent_channels]
         _require(all(a % b == 0 or b % a == 0 for a, b in zip(sizes, sizes[1:])), "vae.widths",
                  f"with vae.shortcuts each of widths {widths} and then latent_channels={v.latent_channels} "
                  "must divide its neighbour or be a multiple of it (shortcuts average or repeat channels)")
     try:
-        stage_plan(widths, v.spatial_factor, v.temporal_factor, patch)
+        stage_plan(widths, v.spatial_factor, v.temporal_factor, patch, temporal_stages)
     except ValueError as error:
         raise ConfigError(f"config.vae.widths: {error}") from error
     _require(norm != "group" or all(w % v.norm_groups == 0 for w in widths), "vae.norm_groups",
@@ -328,6 +346,77 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
     if num_devices is not None:
         validate_devices(cfg, num_devices)
     return cfg
+
+
+def _validate_wan(cfg) -> None:
+    """Wan 2.1's DiT switches (soraax/dit.py) and `init_from`, a diffusers Wan folder whose transformer must be
+    the DiT model.* describes: checked from its config.json, before anything is read or compiled."""
+    from soraax.dit import MODULATIONS
+    _choice(cfg, "model.modulation", MODULATIONS, default="per_block")
+    _bool(cfg, "model.qk_norm", default=False)
+    _bool(cfg, "model.text_mlp", default=False)
+    _int(cfg, "model.mlp_dim", minimum=0, default=0)
+    freq_dim = _int(cfg, "model.freq_dim", minimum=2, default=256)
+    _require(freq_dim % 2 == 0, "model.freq_dim", f"must be even (cos and sin halves), got {freq_dim}")
+    pad = _int(cfg, "model.text_pad_len", minimum=0, default=0)
+    _require(pad <= cfg.text_len, "model.text_pad_len",
+             f"{pad} text slots a caption cannot fit text_len={cfg.text_len}")
+    init_from = _text(cfg, "init_from", default="")
+    if not init_from:
+        return
+    from soraax import patches
+    from soraax.wan import dit_weights
+    from soraax.wan.folder import TRANSFORMER, is_wan_folder
+    _require(cfg.task == "dit", "init_from", f"starts a text-to-video DiT from Wan weights; task is {cfg.task!r}")
+    _require(is_wan_folder(init_from), "init_from",
+             f"{init_from!r} is not a diffusers Wan folder (it needs {TRANSFORMER}/config.json)")
+    try:
+        wan, patch_size, channels, text_dim = dit_weights.dit_from_config(
+            dit_weights.read_config(os.path.join(init_from, TRANSFORMER)))
+    except ValueError as error:
+        raise ConfigError(f"config.init_from: {error}") from error
+    m = cfg.model
+    ours = {"model.width": m.width, "model.depth": m.depth, "model.heads": m.heads,
+            "model.mlp_dim": m.get("mlp_dim", 0) or int(m.width * m.mlp_ratio), "model.freq_dim": freq_dim,
+            "model.patch_size": tuple(m.patch_size), "vae.latent_channels": cfg.vae.latent_channels,
+            "model.modulation": m.get("modulation", "per_block"), "model.qk_norm": m.get("qk_norm", False),
+            "model.text_mlp": m.get("text_mlp", False)}
+    theirs = {"model.width": wan.width, "model.depth": wan.depth, "model.heads": wan.heads,
+              "model.mlp_dim": wan.mlp_dim, "model.freq_dim": wan.freq_dim, "model.patch_size": patch_size,
+              "vae.latent_channels": channels, "model.modulation": wan.modulation, "model.qk_norm": wan.qk_norm,
+              "model.text_mlp": wan.text_mlp}
+    for key in ours:
+        _require(ours[key] == theirs[key], key, f"is {ours[key]!r} but the Wan transformer in {init_from} has "
+                 f"{theirs[key]!r} (configs/wan21_t2v_*.py set every key to its checkpoint)")
+    _require(patches.patch_dim(patch_size, channels) == wan.patch_dim, "model.patch_size", "does not fit the latent")
+    _validate_wan_vae(cfg)
+
+
+def _validate_wan_vae(cfg) -> None:
+    """vae.* must describe init_from's vae/ (when it has one and no vae.checkpoint is named): the run encodes
+    with that VAE, while everything made from the config alone (latent shapes for --dry_run/--compile_only, a
+    later `models.build` without the folder) follows vae.*, so the two must agree."""
+    import json
+
+    from soraax.models import build_vae
+    from soraax.wan.folder import wan_vae_path
+    from soraax.wan.vae_weights import CONFIG, vae_from_config
+    folder = wan_vae_path(cfg)
+    if not folder:
+        return
+    try:
+        with open(os.path.join(folder, CONFIG)) as f:
+            theirs = vae_from_config(json.load(f), where=os.path.join(folder, CONFIG))
+    except ValueError as error:
+        raise ConfigError(f"config.init_from: {error}") from error
+    ours = build_vae(cfg.vae)
+    # Every layout field; the latent statistics come from the folder itself, the dtype from the run.
+    for field in ("widths", "num_res_blocks", "decoder_res_blocks", "latent_channels", "spatial_factor",
+                  "temporal_factor", "temporal_stages", "norm", "norm_groups", "norm_eps", "time_padding",
+                  "resample", "mid_attention", "quant_convs", "patch_size", "shortcuts"):
+        a, b = getattr(ours, field), getattr(theirs, field)
+        _require(a == b, f"vae.{field}", f"is {a!r} but the Wan VAE in {folder} has {b!r} "
+                 f"(configs/wan21_t2v_*.py describe Wan 2.1's VAE)")
 
 
 def _validate_sr(cfg) -> None:

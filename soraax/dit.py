@@ -15,6 +15,17 @@ What differs from an image DiT, and why:
     before the patch embedding (Imagen Video / CDM's channel concat), and their noise-augmentation level
     joins the timestep in adaLN. Both are per token, so packing stays exact.
 
+The switches that make it Wan 2.1's transformer (Wan team 2025; diffusers' WanTransformer3DModel), so its open
+weights load into this module rather than into a copy of it (soraax/wan/):
+  * `modulation="shared"`: one projection of the timestep embedding gives the 6 adaLN vectors for all
+    blocks, and each block adds its own learned `scale_shift_table` [6, D]; the final layer adds a [2, D]
+    table to the timestep embedding itself. Per token as everywhere here, so packing stays exact;
+  * `qk_norm`: q and k RMS-normalised across heads in both attentions;
+  * `text_mlp`: the caption projection is PixArt's two-layer MLP (Dense, GELU-tanh, Dense), not one Dense;
+  * `mlp_dim`: an FFN width that is no round multiple of the width (1.3B: 8960 over 1536).
+Wan's 3D RoPE needs no switch: its split of the head dim (h = w = 2 * (K // 6), t the rest), its per-axis
+frequencies and its interleaved pairs are this module's.
+
 Dimension key:
   B batch rows, S packed video tokens, L packed text tokens, P patch dim (pt*ph*pw*C), Q patch dim of the
   low-res conditioning tokens, D width, H heads, K head dim, F mlp width, T text width, N layers.
@@ -126,37 +137,58 @@ def segment_mean(values_BxLxT, value_segment_ids_BxL, query_segment_ids_BxS):
     return jnp.einsum("bsl,blt->bst", weights_BxSxL, values_BxLxT.astype(jnp.float32))
 
 
+def _table_init(rows: int):
+    # Wan draws its tables N(0, 1/D); zeros would make a fresh "shared" model start exactly as adaLN-Zero.
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.normal(key, shape, dtype) / jnp.sqrt(jnp.asarray(shape[-1], dtype))
+    return nn.with_logical_partitioning(init, (None, "embed"))
+
+
+MODULATIONS = ("per_block", "shared")
+
+
 class DiTBlock(nn.Module):
     """adaLN-Zero block: self-attention by segment, cross-attention to the segment's text, MLP.
 
     Written as a scan body: `(x, None) = block(x, c, ...)`. Gates start at zero, so every block starts as
     the identity (DiT's adaLN-Zero finding: the best-conditioned start for diffusion transformers).
+    With `shared_modulation` the conditioning is already the 6 adaLN vectors, `[B, S, 6D]` from the DiT's
+    `time_proj`, and the block adds its own table to them (Wan).
     """
     heads: int
     mlp_ratio: float = 4.0
+    mlp_dim: int = 0
     cross_attn: bool = True
+    qk_norm: bool = False
+    shared_modulation: bool = False
     attn_impl: str = "xla"
     dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x_BxSxD, c_BxSxD, angles, segment_ids, text_BxLxD, text_segment_ids):
         width = x_BxSxD.shape[-1]
-        mod = nn.Dense(6 * width, dtype=self.dtype, kernel_init=_zeros(("embed", "mlp")),
-                       name="adaLN_modulation")(nn.silu(c_BxSxD))
-        shift_sa, scale_sa, gate_sa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod, 6, axis=-1)
+        if self.shared_modulation:
+            table_6xD = self.param("scale_shift_table", _table_init(6), (6, width), jnp.float32)
+            mod = c_BxSxD.reshape(*c_BxSxD.shape[:-1], 6, width) + table_6xD.astype(c_BxSxD.dtype)[None, None]
+            shift_sa, scale_sa, gate_sa, shift_mlp, scale_mlp, gate_mlp = (mod[..., i, :] for i in range(6))
+        else:
+            mod = nn.Dense(6 * width, dtype=self.dtype, kernel_init=_zeros(("embed", "mlp")),
+                           name="adaLN_modulation")(nn.silu(c_BxSxD))
+            shift_sa, scale_sa, gate_sa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod, 6, axis=-1)
 
         h = modulate(_layer_norm("norm1", self.dtype)(x_BxSxD), shift_sa, scale_sa)
-        h = MultiHeadAttention(self.heads, self.attn_impl, self.dtype, name="self_attn")(
+        h = MultiHeadAttention(self.heads, self.attn_impl, self.dtype, qk_norm=self.qk_norm, name="self_attn")(
             h, h, segment_ids, segment_ids, rotate=functools.partial(apply_rope, angles_BxSxK2=angles))
         x_BxSxD = x_BxSxD + gate_sa * h
 
         if self.cross_attn:
             h = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm_cross")(x_BxSxD)
-            x_BxSxD = x_BxSxD + MultiHeadAttention(self.heads, self.attn_impl, self.dtype, name="cross_attn")(
-                h, text_BxLxD, segment_ids, text_segment_ids)
+            x_BxSxD = x_BxSxD + MultiHeadAttention(self.heads, self.attn_impl, self.dtype, qk_norm=self.qk_norm,
+                                                   name="cross_attn")(h, text_BxLxD, segment_ids, text_segment_ids)
 
         h = modulate(_layer_norm("norm2", self.dtype)(x_BxSxD), shift_mlp, scale_mlp)
-        x_BxSxD = x_BxSxD + gate_mlp * Mlp(int(width * self.mlp_ratio), self.dtype, name="mlp")(h)
+        hidden = self.mlp_dim or int(width * self.mlp_ratio)
+        x_BxSxD = x_BxSxD + gate_mlp * Mlp(hidden, self.dtype, name="mlp")(h)
         return nn.with_logical_constraint(x_BxSxD, ("batch", "length", "embed")), None
 
 
@@ -166,7 +198,8 @@ class DiT(nn.Module):
     Fields are the hyper-parameters; `patch_dim` is pt*ph*pw*C of the latent patches. `lowres_dim` > 0 makes
     it a super-resolution stage whose call also takes `lowres_BxSxQ` (the low-res latent's tokens, aligned
     token for token) and `aug_BxS` (their noise-augmentation level); 0, the default, is the text-to-video
-    model, with exactly the params and function it always had.
+    model, with exactly the params and function it always had. `modulation`, `qk_norm`, `text_mlp` and
+    `mlp_dim` are Wan 2.1's switches (module docstring); their defaults are the DiT as it always was.
     """
     patch_dim: int
     lowres_dim: int = 0
@@ -174,8 +207,13 @@ class DiT(nn.Module):
     depth: int = 28
     heads: int = 16
     mlp_ratio: float = 4.0
+    mlp_dim: int = 0             # FFN width; 0: width * mlp_ratio
     cross_attn: bool = True
     pooled_text: bool = False
+    modulation: str = "per_block"   # per_block (DiT's adaLN-Zero) | shared (Wan: one time_proj + block tables)
+    qk_norm: bool = False
+    text_mlp: bool = False
+    freq_dim: int = 256          # sinusoidal features of t before the timestep MLP
     rope_theta: float = 10_000.0
     attn_impl: str = "xla"
     remat_policy: str = "none"
@@ -190,6 +228,10 @@ class DiT(nn.Module):
         rope_split(self.width // self.heads)
         if self.lowres_dim < 0:
             raise ValueError(f"lowres_dim must be >= 0 (0: no low-res conditioning), got {self.lowres_dim}")
+        if self.modulation not in MODULATIONS:
+            raise ValueError(f"modulation {self.modulation!r} is not one of {MODULATIONS}")
+        if self.mlp_dim < 0:
+            raise ValueError(f"mlp_dim must be >= 0 (0: width * mlp_ratio), got {self.mlp_dim}")
 
     def _check_lowres(self, lowres_BxSxQ, aug_BxS, tokens_shape):
         if not self.lowres_dim:
@@ -213,7 +255,7 @@ class DiT(nn.Module):
         x_BxSxD = nn.Dense(self.width, dtype=self.dtype, kernel_init=_dense_init((None, "embed")),
                            name="patch_embed")(inputs_BxSxP)
         x_BxSxD = nn.with_logical_constraint(x_BxSxD, ("batch", "length", "embed"))
-        c_BxSxD = TimestepEmbedder(self.width, dtype=self.dtype, name="t_embedder")(t_BxS)
+        c_BxSxD = TimestepEmbedder(self.width, self.freq_dim, dtype=self.dtype, name="t_embedder")(t_BxS)
         if self.lowres_dim:
             # The augmentation level tells the network how far to trust its conditioning (CDM, Ho et al. 2021):
             # trained over a range of levels, sampled at one fixed level (sr.sample_aug).
@@ -230,16 +272,27 @@ class DiT(nn.Module):
         if self.cross_attn:
             text_BxLxD = nn.Dense(self.width, dtype=self.dtype, kernel_init=_dense_init((None, "embed")),
                                   name="text_proj")(text_BxLxT.astype(self.dtype))
-            text_BxLxD = nn.with_logical_constraint(nn.gelu(text_BxLxD, approximate=True),
-                                                    ("batch", "text_length", "embed"))
+            text_BxLxD = nn.gelu(text_BxLxD, approximate=True)
+            if self.text_mlp:
+                text_BxLxD = nn.Dense(self.width, dtype=self.dtype, kernel_init=_dense_init(("mlp", "embed")),
+                                      name="text_proj_out")(text_BxLxD)
+            text_BxLxD = nn.with_logical_constraint(text_BxLxD, ("batch", "text_length", "embed"))
+
+        shared = self.modulation == "shared"
+        block_c_BxSxD = c_BxSxD
+        if shared:
+            # [B, S, 6D] once, broadcast to every block: the one projection all of Wan's blocks share.
+            block_c_BxSxD = nn.Dense(6 * self.width, dtype=self.dtype, kernel_init=_zeros(("embed", "mlp")),
+                                     name="time_proj")(nn.silu(c_BxSxD))
 
         block = DiTBlock
         policy = REMAT_POLICIES[self.remat_policy]
         if self.remat_policy != "none":
             block = nn.remat(block, policy=policy, prevent_cse=not self.scan_layers)
-        block_kwargs = dict(heads=self.heads, mlp_ratio=self.mlp_ratio, cross_attn=self.cross_attn,
+        block_kwargs = dict(heads=self.heads, mlp_ratio=self.mlp_ratio, mlp_dim=self.mlp_dim,
+                            cross_attn=self.cross_attn, qk_norm=self.qk_norm, shared_modulation=shared,
                             attn_impl=self.attn_impl, dtype=self.dtype)
-        args = (c_BxSxD, angles, segment_ids_BxS, text_BxLxD, text_segment_ids_BxL)
+        args = (block_c_BxSxD, angles, segment_ids_BxS, text_BxLxD, text_segment_ids_BxL)
         if self.scan_layers:
             x_BxSxD, _ = nn.scan(
                 block, variable_axes={"params": 0}, split_rngs={"params": True},
@@ -250,8 +303,15 @@ class DiT(nn.Module):
             for i in range(self.depth):
                 x_BxSxD, _ = block(**block_kwargs, name=f"blocks_{i}")(x_BxSxD, *args)
 
-        shift, scale = jnp.split(nn.Dense(2 * self.width, dtype=self.dtype, kernel_init=_zeros(("embed", "mlp")),
-                                          name="final_modulation")(nn.silu(c_BxSxD)), 2, axis=-1)
+        if shared:
+            # Wan adds its final table to the timestep embedding itself: no SiLU, no projection.
+            table_2xD = self.param("final_scale_shift_table", _table_init(2), (2, self.width), jnp.float32)
+            shift = c_BxSxD + table_2xD[0].astype(c_BxSxD.dtype)[None, None]
+            scale = c_BxSxD + table_2xD[1].astype(c_BxSxD.dtype)[None, None]
+        else:
+            shift, scale = jnp.split(nn.Dense(2 * self.width, dtype=self.dtype,
+                                              kernel_init=_zeros(("embed", "mlp")),
+                                              name="final_modulation")(nn.silu(c_BxSxD)), 2, axis=-1)
         x_BxSxD = modulate(_layer_norm("final_norm", self.dtype)(x_BxSxD), shift, scale)
         v_BxSxP = nn.Dense(self.patch_dim, dtype=self.dtype, kernel_init=_zeros(("embed", None)),
                            name="final_proj")(x_BxSxD)

@@ -27,11 +27,17 @@ class MultiHeadAttention(nn.Module):
     Projections are plain Dense layers reshaped to heads (kernels named `(embed, heads)`, so tensor
     parallelism splits whole heads): Flax's DenseGeneral re-traces its initialiser on a flattened kernel in
     `apply`, which logical partitioning rejects under a mesh. `rotate` (e.g. RoPE) acts on q and k.
+
+    `qk_norm` RMS-normalises q and k over their whole width, all heads together, before the split into heads
+    and before `rotate` (Wan 2.1's "rms_norm_across_heads"): it bounds the logits, which keeps large video
+    models' attention from saturating in bf16.
     """
     heads: int
     attn_impl: str = "xla"
     dtype: Any = jnp.float32
     activation_axes: tuple[str, str, str] = ("batch", "length", "embed")
+    qk_norm: bool = False
+    norm_eps: float = 1e-6
 
     @nn.compact
     def __call__(self, x_BxSxD, kv_BxLxD, q_segment_ids, kv_segment_ids,
@@ -44,6 +50,9 @@ class MultiHeadAttention(nn.Module):
 
         def project(name, x):
             y = _dense(width, ("embed", "heads"), "heads", self.dtype, name)(x)
+            if self.qk_norm and name != "value":
+                y = nn.RMSNorm(epsilon=self.norm_eps, dtype=self.dtype, name=f"norm_{name}",
+                               scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("heads",)))(y)
             return y.reshape(*y.shape[:-1], self.heads, head_dim)
 
         q_BxSxHxK = project("query", x_BxSxD)

@@ -36,7 +36,8 @@ _PACKERS = {
 }
 
 
-def _fit_example(example: dict[str, Any], seq_len: int, text_len: int) -> dict[str, np.ndarray]:
+def _fit_example(example: dict[str, Any], seq_len: int, text_len: int,
+                 text_pad_len: int = 0) -> dict[str, np.ndarray]:
     n = example["tokens"].shape[0]
     if n > seq_len:
         # Cutting a clip would leave a partial grid that no longer unpacks: the token budget upstream
@@ -59,6 +60,14 @@ def _fit_example(example: dict[str, Any], seq_len: int, text_len: int) -> dict[s
         if states.shape[0] != len(example[TEXT_FEATURE]):
             raise ValueError(f"text_states has {states.shape[0]} rows for {len(example[TEXT_FEATURE])} text tokens")
         fitted[TEXT_STATES] = states[:text_len]
+    pad = min(text_pad_len, text_len) - len(text)
+    if pad > 0:
+        # Wan's pipeline feeds its DiT each caption zero-padded to 512 states, and attends to the padding:
+        # the caption takes that many slots of its row, pad tokens (id 0) whose cached states are zeros.
+        fitted[TEXT_FEATURE] = np.concatenate([text, np.zeros(pad, np.int32)])
+        if TEXT_STATES in fitted:
+            states = fitted[TEXT_STATES]
+            fitted[TEXT_STATES] = np.concatenate([states, np.zeros((pad, states.shape[1]), states.dtype)])
     return fitted
 
 
@@ -79,14 +88,15 @@ def to_batch_format(packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 def pack_clips(dataset: grain.IterDataset, *, seq_len: int, text_len: int, max_segments: int,
                num_packing_bins: int = 8, strategy: str = "best_fit", seed: int = 0,
-               with_text_states: bool = False) -> grain.IterDataset:
+               with_text_states: bool = False, text_pad_len: int = 0) -> grain.IterDataset:
     """Packs one-clip examples into rows of `seq_len` video tokens and `text_len` text tokens (and, with
-    `with_text_states`, each example's `text_states` alongside its text tokens)."""
+    `with_text_states`, each example's `text_states` alongside its text tokens). With `text_pad_len` each
+    caption shorter than that is padded to it (pad id 0, zero states) inside its own text segment."""
     if strategy not in _PACKERS:
         raise ValueError(f"packing strategy {strategy!r} is not one of {sorted(_PACKERS)}")
     if max_segments < 1:
         raise ValueError(f"max_segments must be >= 1, got {max_segments}")
-    dataset = dataset.map(lambda ex: _fit_example(ex, seq_len, text_len))
+    dataset = dataset.map(lambda ex: _fit_example(ex, seq_len, text_len, text_pad_len))
     lengths = {"tokens": seq_len, "coords": seq_len, "cond_mask": seq_len, TEXT_FEATURE: text_len}
     if with_text_states:
         lengths[TEXT_STATES] = text_len

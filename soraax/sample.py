@@ -49,10 +49,14 @@ def parser() -> argparse.ArgumentParser:
     p = CliParser(prog="python -m soraax.sample", description="Sample clips from a trained soraax run.")
     runs = p.add_mutually_exclusive_group(required=True)
     runs.add_argument("--workdir", help="the training run's folder (config.json, checkpoints/)")
+    runs.add_argument("--weights", metavar="DIR",
+                      help="open weights instead of a run: a diffusers Wan 2.1 folder (transformer/, text_encoder/, "
+                           "tokenizer/, vae/), with --config configs/wan21_t2v_1_3b.py (or _14b) describing it")
     runs.add_argument("--cascade", metavar="BASE_DIR,SR_DIR",
                       help="text->video through a cascade: the base DiT run, then super-resolution runs (task 'sr', "
                            "e.g. configs/sr_tiny.py), comma-separated; one decode at the end. --frames/--height/"
                            "--width give the output (default: the base's size times the SR factors)")
+    p.add_argument("--config", default=None, help="with --weights: the config whose model.* the folder holds")
     p.add_argument("--prompt", required=True, help="what the clip should show, e.g. 'a red square moving left'")
     p.add_argument("--out", default="sample.mp4",
                    help="output file: .mp4 or .gif (video), .png (one frame); default sample.mp4")
@@ -184,7 +188,11 @@ def _prepare(args) -> Job:
     mode = _mode(args)
     if mode == "cascade":
         return _prepare_cascade(args)
-    cfg = checkpoints.read_config(args.workdir)
+    if bool(args.weights) != bool(args.config):
+        raise ValueError("--weights DIR and --config FILE go together (e.g. --weights Wan2.1-T2V-1.3B-Diffusers "
+                         "--config configs/wan21_t2v_1_3b.py); a --workdir run has its own config")
+    cfg = (sampling.weights_config(args.config, args.weights) if args.weights
+           else checkpoints.read_config(args.workdir))
     frames = DEFAULT_FRAMES if args.frames is None else args.frames
     inputs, notes, out_frames = {}, [], frames
     if mode == "text":
@@ -290,6 +298,8 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
                       for i, workdir in enumerate(job.inputs["workdirs"])]
             cascade.check_runs(stages)
             run = stages[0]
+        elif args.weights:
+            run = stages = sampling.load_weights_run(args.config, args.weights)
         else:
             run = stages = sampling.load_run(args.workdir, use_ema=not args.raw)
     except (ValueError, FileNotFoundError) as error:
@@ -309,7 +319,8 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         written += write_clip(path, video)
     image_guidance = "" if args.image_guidance is None else f", image guidance {args.image_guidance}"
-    print(f"step {run.step} ({'EMA' if run.ema else 'raw'} params), {job.mode}, {job.out_frames}x{job.height}x"
+    source = f"weights {args.weights}" if args.weights else f"step {run.step} ({'EMA' if run.ema else 'raw'} params)"
+    print(f"{source}, {job.mode}, {job.out_frames}x{job.height}x"
           f"{job.width}, {job.steps} steps, guidance {guidance}{image_guidance}: wrote {', '.join(written)}")
     return written
 

@@ -35,7 +35,7 @@ import ml_collections
 import numpy as np
 from tqdm import tqdm
 
-from soraax import checkpoints, diffusion, patches, sharding, train
+from soraax import checkpoints, diffusion, patches, sharding, train, weights
 from soraax.models import Models, build
 from soraax.text.encoders import frozen_params
 from soraax.vae import VideoVAE
@@ -206,15 +206,46 @@ def load_run(workdir: str, use_ema: bool = True, step: int | None = None, task: 
         state = checkpoints.restore_weights(mngr, abstract, fields=(field,), step=step)
     finally:
         mngr.close()
-    vae_dir = cfg.vae.checkpoint or os.path.join(workdir, "vae")
-    vae_params = train.load_vae_params(cfg, vae_dir)
-    latent_mean, latent_std = train.vae_latent_stats(cfg, vae_dir)
-    models = build(cfg, latent_mean, latent_std)
+    from soraax.wan.folder import wan_vae_path
+    if wan_vae_path(cfg):  # a run from Wan weights encoded with Wan's VAE (its module carries its statistics)
+        from soraax.wan.vae_weights import load_wan_vae
+        vae_params = jax.device_put(weights.materialise(load_wan_vae(wan_vae_path(cfg)).params))
+        models = build(cfg)
+    else:
+        vae_dir = cfg.vae.checkpoint or os.path.join(workdir, "vae")
+        vae_params = train.load_vae_params(cfg, vae_dir)
+        latent_mean, latent_std = train.vae_latent_stats(cfg, vae_dir)
+        models = build(cfg, latent_mean, latent_std)
     params = dict(state[field])
     if models.text.frozen:  # a pretrained encoder: from its own folder, never from the run's checkpoints
         params["text"] = jax.device_put(frozen_params(models.text))
     return Run(workdir=workdir, cfg=cfg, models=models, params=params, vae_params=vae_params, step=int(step),
                ema=use_ema)
+
+
+def weights_config(config_path: str, folder: str) -> ml_collections.ConfigDict:
+    """`config_path` (a configs/wan21_t2v_*.py) with init_from = `folder`, validated against the folder."""
+    from soraax import config as config_lib
+    return config_lib.validate(config_lib.load(config_path, {"init_from": folder}))
+
+
+def load_weights_run(config_path: str, folder: str) -> Run:
+    """A run made of open weights, no training needed: model.* of `config_path`, its transformer, text encoder
+    and VAE read from a diffusers Wan 2.1 folder (each tensor checked by name and shape)."""
+    from soraax.wan import dit_weights
+    from soraax.wan.folder import TRANSFORMER, VAE
+    from soraax.wan.vae_weights import load_wan_vae
+    cfg = _single_host_config(weights_config(config_path, folder))
+    models = build(cfg)
+    wan = dit_weights.load_wan_transformer(os.path.join(folder, TRANSFORMER))
+    dit_params = weights.materialise(wan.params)
+    if not models.dit.scan_layers:
+        raise ValueError("--weights samples with model.scan_layers=True, as the Wan configs set it")
+    weights.check_tree(wan.params, dit_weights.abstract_params(models.dit, models.text.width), folder)
+    vae = load_wan_vae(os.path.join(folder, VAE))  # models.vae is its module already (models.build)
+    params = {"dit": jax.device_put(dit_params), "text": jax.device_put(frozen_params(models.text))}
+    return Run(workdir=folder, cfg=cfg, models=models, params=params,
+               vae_params=jax.device_put(weights.materialise(vae.params)), step=0, ema=False)
 
 
 # ---------------------------------------------------------------------------------------- packing
@@ -223,6 +254,13 @@ def load_run(workdir: str, use_ema: bool = True, step: int | None = None, task: 
 def clip_key(seed: int, index: int) -> jax.Array:
     """The noise key of clip `index` of a call with `seed`."""
     return jax.random.fold_in(jax.random.PRNGKey(seed), index)
+
+
+def text_pad_len(cfg) -> int:
+    """Wan's pipeline pads every caption's text states with zeros to 512 and its DiT attends to all 512 (no
+    mask): the zeros, projected, are part of what its weights were trained on. model.text_pad_len > 0 samples
+    the same way; 0 (soraax's own models) masks the padding."""
+    return int(cfg.model.get("text_pad_len", 0))
 
 
 def make_clip(run: Run, prompt: str, *, frames: int, height: int, width: int, key: jax.Array) -> Clip:
@@ -283,12 +321,16 @@ def _packed_rows(run: Run, clips: Sequence[Clip], rows: Sequence[Sequence[int]],
              "init_tokens": np.zeros((num_rows, s, p), np.float32), "strength": np.ones((num_rows, s), np.float32),
              "text_tokens": np.zeros((num_rows, l), np.int32), "text_segment_ids": np.zeros((num_rows, l), np.int32),
              "uncond_tokens": np.zeros((num_rows, l), np.int32),
-             "uncond_segment_ids": np.zeros((num_rows, l), np.int32)}
+             "uncond_segment_ids": np.zeros((num_rows, l), np.int32),
+             # What the DiT attends to: each caption's tokens, and with model.text_pad_len its zero padding.
+             "text_attend_ids": np.zeros((num_rows, l), np.int32),
+             "uncond_attend_ids": np.zeros((num_rows, l), np.int32)}
     lowres_dim = run.models.dit.lowres_dim
     if lowres_dim:
         batch["lowres_tokens"] = np.zeros((num_rows, s, lowres_dim), np.float32)
         batch["lowres_aug"] = np.zeros((num_rows, s), np.float32)
     empty = tokenizer.encode("", l)
+    pad = text_pad_len(cfg)
     places = {}
     for r, members in enumerate(rows):
         start = text_start = 0
@@ -311,13 +353,16 @@ def _packed_rows(run: Run, clips: Sequence[Clip], rows: Sequence[Sequence[int]],
             caption = tokenizer.encode(clip.prompt, l)
             batch["text_tokens"][r, text_start:text_start + len(caption)] = caption
             batch["text_segment_ids"][r, text_start:text_start + len(caption)] = segment
+            batch["text_attend_ids"][r, text_start:text_start + max(len(caption), pad)] = segment
             # Every caption holds at least the empty caption's special tokens, so the empty ones fit
-            # wherever the captions did.
-            uncond = slice(len(empty) * (segment - 1), len(empty) * segment)
+            # wherever the captions did (padded, each takes `pad` slots, as each caption does).
+            slot = max(len(empty), pad)
+            uncond = slice(slot * (segment - 1), slot * (segment - 1) + len(empty))
             batch["uncond_tokens"][r, uncond] = empty
             batch["uncond_segment_ids"][r, uncond] = segment
+            batch["uncond_attend_ids"][r, slot * (segment - 1):slot * segment] = segment
             start += n
-            text_start += len(caption)
+            text_start += max(len(caption), pad)
     return batch, places
 
 
@@ -369,13 +414,15 @@ def _sample_rows(params, rows, guidance, image_guidance, *, dit, text_encoder, s
                          t_RxS, conditioning["text_states"], conditioning["text_segment_ids"], **lowres)
 
     video = {k: rows[k] for k in ("coords", "segment_ids", "lowres_tokens", "lowres_aug") if k in rows}
+    # The encoder gives exactly 0 past each caption; the DiT attends to those zeros where the model was
+    # trained with them (model.text_pad_len, Wan), else they are masked like any padding.
     full = {"text_states": encode_text(rows["text_tokens"], rows["text_segment_ids"]),
-            "text_segment_ids": rows["text_segment_ids"], **video}
+            "text_segment_ids": rows["text_attend_ids"], **video}
     if passes == "cond":
         velocity = functools.partial(model_fn, conditioning=full)
     else:
         empty = {"text_states": encode_text(rows["uncond_tokens"], rows["uncond_segment_ids"]),
-                 "text_segment_ids": rows["uncond_segment_ids"], **video}
+                 "text_segment_ids": rows["uncond_attend_ids"], **video}
         if passes == "text":  # held tokens held in both passes: guidance on the text alone
             velocity = diffusion.guided_velocity_fn(model_fn, full, empty, guidance)
         else:
@@ -409,7 +456,7 @@ def sample_latents(run: Run, clips: Sequence[Clip], *, steps: int, guidance: flo
         return []
     for i, clip in enumerate(clips):
         _check_conditioning(i, clip, models.dit.patch_dim, models.dit.lowres_dim)
-    text_counts = [len(models.tokenizer.encode(c.prompt, cfg.text_len)) for c in clips]
+    text_counts = [max(len(models.tokenizer.encode(c.prompt, cfg.text_len)), text_pad_len(cfg)) for c in clips]
     rows = pack_rows([c.num_tokens for c in clips], text_counts, seq_len=cfg.seq_len, text_len=cfg.text_len,
                      max_segments=cfg.max_segments)
     rows_per_call = min(len(rows), int(cfg.batch_size))

@@ -34,7 +34,7 @@ from ml_collections import config_flags
 from tqdm import tqdm
 
 from soraax import cascade, checkpoints, config as config_lib, diffusion, distributed, flops, packing, preemption
-from soraax import sharding
+from soraax import sharding, weights
 from soraax import topology
 from soraax.data import pipeline
 from soraax.models import Models, build, build_vae
@@ -127,17 +127,29 @@ def text_conditioning(models: Models, cfg, empty_states=None):
     batch; otherwise the encoder runs here on the dropped-out tokens, params["text"] trained or frozen.
     """
     rate, max_segments = cfg.diffusion.text_dropout, cfg.max_segments
+    # model.text_pad_len (Wan): the packer gave each caption that many slots, its padding zero states, and
+    # the DiT attends to all of them, as Wan's pipeline and soraax's sampler do. A dropped caption is the
+    # empty caption's states then zeros over the same slots: Wan's unconditional input.
+    attend_padding = int(cfg.model.get("text_pad_len", 0)) > 0
     if empty_states is not None:
         def cached(params, batch, key):
-            return drop_caption_states(key, batch["text_states"], batch["text_segment_ids"],
-                                       max_segments=max_segments, rate=rate, empty_states_ExT=empty_states)
+            states, segment_ids = drop_caption_states(key, batch["text_states"], batch["text_segment_ids"],
+                                                      max_segments=max_segments, rate=rate,
+                                                      empty_states_ExT=empty_states)
+            return states, batch["text_segment_ids"] if attend_padding else segment_ids
         return cached
 
     def encoded(params, batch, key):
         tokens, segment_ids = drop_captions(key, batch["text_tokens"], batch["text_segment_ids"],
                                             max_segments=max_segments, rate=rate,
                                             empty_ids=models.tokenizer.empty_ids)
-        return models.text_encoder.apply({"params": params["text"]}, tokens, segment_ids), segment_ids
+        if not attend_padding:
+            return models.text_encoder.apply({"params": params["text"]}, tokens, segment_ids), segment_ids
+        # The encoder sees each caption alone (its pad tokens masked, as Wan's UMT5 call masks them); its
+        # states there are zeroed, and the DiT attends to them under the caption's own segment id.
+        encoder_ids = jnp.where(tokens == models.tokenizer.pad_id, 0, segment_ids)
+        states = models.text_encoder.apply({"params": params["text"]}, tokens, encoder_ids)
+        return jnp.where((encoder_ids != 0)[..., None], states, 0).astype(states.dtype), batch["text_segment_ids"]
     return encoded
 
 
@@ -232,13 +244,20 @@ def dit_task(cfg, vae_params=None, latent_stats=((0.0,), (1.0,)), make_batches=p
     # placed in its shardings like the DiT's.
     frozen_in_step = text.frozen and not cached
     empty_states = None
-    if cached:
+    host_text_params = None
+    if cached and text.pretrained.params is None:
+        # An encoder's shape alone (model.text_encoder_shape): enough to describe and compile the step, whose
+        # dropout needs only the empty caption's shape; `batches` refuses to run without the weights.
+        empty_states = np.zeros((1, text.width), np.float32)
+    elif cached:
         host_text_params = frozen_params(text)
         empty_states = empty_caption_states(text, host_text_params)
 
     def batches(process_index, process_count):
         # Each host encodes its own clips in a prefetch thread, so with a VAE copy on one local device:
         # a computation over the global mesh would have to be launched by every process in step.
+        if cached and host_text_params is None:
+            frozen_params(text)  # raises: the encoder is a shape without weights
         local_params = jax.device_put(distributed.host_copy(vae_params), jax.local_devices()[0])
         encode = jax.jit(lambda p, v: models.vae.apply({"params": p}, v[None], method=VideoVAE.encode)[0][0])
         return make_batches(cfg, lambda video: np.asarray(encode(local_params, video)),
@@ -321,6 +340,20 @@ def attach_frozen(state: TrainState, task: Task, abstract: TrainState) -> TrainS
     if task.load_frozen is None:
         return state
     return state.replace(frozen=task.load_frozen(jax.tree_util.tree_map(lambda a: a.sharding, abstract.frozen)))
+
+
+def start_from_weights(cfg, state: TrainState, abstract: TrainState) -> TrainState:
+    """A fresh state whose DiT params and EMA are config.init_from's Wan transformer (validated to be the
+    DiT model.* describes), each device reading only its own shards; a resumed run never comes here."""
+    from soraax.wan.dit_weights import load_wan_transformer
+    from soraax.wan.folder import TRANSFORMER
+    wan = load_wan_transformer(os.path.join(cfg.init_from, TRANSFORMER), scan_layers=cfg.model.scan_layers)
+    target = abstract.params["dit"]
+    weights.check_tree(wan.params, target, f"config.init_from={cfg.init_from}")
+    shardings = jax.tree_util.tree_map(lambda a: a.sharding, target)
+    # Two placements, not one shared: the step donates the state, and params and EMA must not alias.
+    dit, ema = weights.place(wan.params, shardings), weights.place(wan.params, shardings)
+    return state.replace(params={**state.params, "dit": dit}, ema_params={**state.ema_params, "dit": ema})
 
 
 def sharded_step(cfg, task: Task, mesh):
@@ -413,6 +446,9 @@ def train(cfg, workdir: str, task: Task, *, show_progress: bool = True, stop_at:
         state = init(jax.random.PRNGKey(cfg.seed))
         message = (f"[{task.name}] starting: {_param_count(abstract):,} params, mesh {dict(mesh.shape)}, "
                    f"{task.total_steps} steps")
+        if cfg.get("init_from", "") and task.name == "dit":
+            state = start_from_weights(cfg, state, abstract)
+            message += f", DiT from {cfg.init_from}"
     if jax.process_index() == 0:
         print(message, flush=True)
     rng = jax.random.PRNGKey(cfg.seed + 1)
@@ -541,6 +577,12 @@ def run(cfg, workdir: str) -> list[dict]:
         raise config_lib.ConfigError(f"--workdir {workdir} is a file, not a folder")
     if cfg.task == "vae":
         return train(cfg, workdir, vae_task(cfg))
+    from soraax.wan.folder import wan_vae_path
+    if cfg.task == "dit" and wan_vae_path(cfg):
+        # Wan's own VAE (models.build uses its module, which carries its latent statistics): nothing to train.
+        from soraax.wan.vae_weights import load_wan_vae
+        vae_params = weights.materialise(load_wan_vae(wan_vae_path(cfg)).params)
+        return train(cfg, workdir, dit_task(cfg, vae_params))
     vae_dir = ensure_vae(cfg, workdir)  # an SR config names its base's VAE (validated), so never trains one
     stats = vae_latent_stats(cfg, vae_dir)
     make_task = sr_task if cfg.task == "sr" else dit_task

@@ -18,6 +18,13 @@ latents with `latent_channel_stats` and pass them as fields. `__call__`, the tra
 VAE's own latent space and returns the raw posterior, so the KL it feeds to `vae_loss` is independent of
 those statistics.
 
+Wan 2.1's VAE is this VAE with other switches (`VAE_WAN21`, loaded by `soraax.wan.vae_weights`): zero
+time padding, RMS norm without epsilon, separable resampling (`SeparableDownsample`/`SeparableUpsample`:
+per-frame 2D convs plus a (3,1,1) time conv through which frame 0 does not pass), per-frame attention in the
+mid blocks, 1x1x1 quant convs around the latent, one more res block per decoder level, and time compressed
+at the low-resolution stages. Wan runs its encoder on frame 0 then chunks of 4 frames and its decoder one
+latent frame at a time, each conv carrying a cache; with zero padding that equals the whole-clip convs here.
+
 Dimension key: B batch; T, H, W pixel frames/height/width; t, h, w latent frames/height/width;
 C channels (3 for pixels, `latent_channels` for latents); K kernel frames.
 """
@@ -41,6 +48,14 @@ VAE_TINY = dict(widths=(8, 16, 32, 32), num_res_blocks=1, latent_channels=8,
 VAE_BIG = dict(widths=(128, 256, 512, 512), num_res_blocks=2, latent_channels=16,
                spatial_factor=8, temporal_factor=4, norm_groups=32)
 
+# Wan 2.1 (github.com/Wan-Video/Wan2.1, diffusers' AutoencoderKLWan): base_dim 96 x dim_mult (1, 2, 4, 4),
+# 2 res blocks, 16 latent channels, time compressed at the two lowest-resolution stages. Its latent
+# mean/std are per channel and come from the checkpoint's config.json (soraax.wan.vae_weights).
+VAE_WAN21 = dict(widths=(96, 192, 384, 384), num_res_blocks=2, latent_channels=16, spatial_factor=8,
+                 temporal_factor=4, norm_groups=1, norm="rms", norm_eps=0.0, time_padding="zeros",
+                 resample="separable", mid_attention=True, quant_convs=True, decoder_res_blocks=3,
+                 temporal_stages=(False, True, True))
+
 ACTIVATION_AXES = ("batch", "frames", "height", "width", "channels")
 CONV_KERNEL_AXES = (None, None, None, "conv_in", "conv_out")
 
@@ -49,6 +64,10 @@ _LOGVAR_RANGE = (-30.0, 20.0)
 # With shortcuts the VAE starts as average pooling; a posterior std of e^-3 keeps that start readable.
 _SHORTCUT_LOGVAR = -6.0
 _MIN_LATENT_STD = 1e-2
+# Floor of the mean square in an RMS norm without epsilon: a zero vector stays zero (as F.normalize's does).
+_MIN_MEAN_SQUARE = 1e-24
+TIME_PADDINGS = ("replicate", "zeros")
+RESAMPLES = ("conv3d", "separable")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -133,12 +152,16 @@ class CausalConv3d(nn.Module):
     """Conv over (frames, height, width) that sees only the current and past frames.
 
     x: [B, T, H, W, Cin] -> [B, T', H', W', features]. Time is padded on the left with K-1 copies of the
-    first frame (so a still image behaves like a still video), or, when streaming, with the last K-1 frames
-    of the previous chunk, which makes chunked application exact.
+    first frame (so a still image behaves like a still video; `time_padding="zeros"`: with zeros, as Wan
+    does), or, when streaming, with the last K-1 frames of the previous chunk, which makes chunked
+    application exact. Space is padded by K//2 on each side unless `spatial_padding` ((top, bottom),
+    (left, right)) says otherwise.
     """
     features: int
     kernel_size: tuple[int, int, int] = (3, 3, 3)
     strides: tuple[int, int, int] = (1, 1, 1)
+    time_padding: str = "replicate"
+    spatial_padding: tuple[tuple[int, int], tuple[int, int]] | None = None
     dtype: Any = jnp.float32
     kernel_init: Callable = nn.initializers.lecun_normal()
     bias_init: Callable = nn.initializers.zeros_init()
@@ -151,8 +174,12 @@ class CausalConv3d(nn.Module):
             # A strided conv would also need its stride phase carried across chunks; only the decoder streams.
             raise ValueError(f"{self.name}: a conv with temporal stride {self.strides[0]} cannot run chunked; "
                              "stream the decoder only (decode_chunked)")
+        if self.time_padding not in TIME_PADDINGS:
+            raise ValueError(f"time_padding {self.time_padding!r} is not one of {TIME_PADDINGS}")
         if streaming and self.has_variable("cache", "past_frames"):
             past_BxKxHxWxC = self.get_variable("cache", "past_frames")
+        elif self.time_padding == "zeros":
+            past_BxKxHxWxC = jnp.zeros_like(x_BxTxHxWxC[:, :1]).repeat(kt - 1, axis=1)
         else:
             past_BxKxHxWxC = jnp.repeat(x_BxTxHxWxC[:, :1], kt - 1, axis=1)
         x_padded = jnp.concatenate([past_BxKxHxWxC.astype(x_BxTxHxWxC.dtype), x_BxTxHxWxC], axis=1)
@@ -160,7 +187,8 @@ class CausalConv3d(nn.Module):
             self.put_variable("cache", "past_frames", x_padded[:, x_padded.shape[1] - (kt - 1):])
         conv = nn.Conv(
             self.features, self.kernel_size, strides=self.strides,
-            padding=((0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2)), dtype=self.dtype,
+            padding=((0, 0), *(self.spatial_padding or ((kh // 2, kh // 2), (kw // 2, kw // 2)))),
+            dtype=self.dtype,
             kernel_init=nn.with_logical_partitioning(self.kernel_init, CONV_KERNEL_AXES),
             bias_init=nn.with_logical_partitioning(self.bias_init, ("conv_out",)))
         return _constrain(conv(x_padded))
@@ -168,7 +196,8 @@ class CausalConv3d(nn.Module):
 
 class FrameNorm(nn.Module):
     """Normalisation that never pools over time: GroupNorm over each frame's (H, W, C) (`kind="group"`), or
-    RMS over the channels of each position alone (`"rms"`, as in Wan's VAE).
+    RMS over the channels of each position alone (`"rms"`, as in Wan's VAE; Wan's has `eps=0`, being
+    F.normalize(x) * sqrt(C)).
 
     Group statistics over a frame subtract its mean, so on flat images (a uniform background) they wipe out
     absolute colour, which the network must then rebuild from padding effects; per-position RMS keeps the
@@ -177,6 +206,7 @@ class FrameNorm(nn.Module):
     groups: int
     dtype: Any = jnp.float32
     kind: str = "group"
+    eps: float = 1e-6
 
     @nn.compact
     def __call__(self, x_BxTxHxWxC):
@@ -184,7 +214,8 @@ class FrameNorm(nn.Module):
             scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones_init(), ("channels",)),
                                (x_BxTxHxWxC.shape[-1],), jnp.float32)
             x = x_BxTxHxWxC.astype(jnp.float32)
-            x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + 1e-6)
+            x = x * jax.lax.rsqrt(jnp.maximum(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.eps,
+                                              _MIN_MEAN_SQUARE))
             return (x * scale.reshape((1,) * (x.ndim - 1) + (-1,))).astype(self.dtype)
         if self.kind != "group":
             raise ValueError(f"VAE norm {self.kind!r} is not one of 'group', 'rms'")
@@ -201,13 +232,15 @@ class ResBlock(nn.Module):
     norm_groups: int
     dtype: Any = jnp.float32
     norm: str = "group"
+    norm_eps: float = 1e-6
+    time_padding: str = "replicate"
 
     @nn.compact
     def __call__(self, x_BxTxHxWxC):
-        h = CausalConv3d(self.features, dtype=self.dtype)(
-            nn.silu(FrameNorm(self.norm_groups, self.dtype, self.norm)(x_BxTxHxWxC)))
-        h = CausalConv3d(self.features, dtype=self.dtype)(
-            nn.silu(FrameNorm(self.norm_groups, self.dtype, self.norm)(h)))
+        h = CausalConv3d(self.features, time_padding=self.time_padding, dtype=self.dtype)(
+            nn.silu(FrameNorm(self.norm_groups, self.dtype, self.norm, self.norm_eps)(x_BxTxHxWxC)))
+        h = CausalConv3d(self.features, time_padding=self.time_padding, dtype=self.dtype)(
+            nn.silu(FrameNorm(self.norm_groups, self.dtype, self.norm, self.norm_eps)(h)))
         skip = x_BxTxHxWxC
         if skip.shape[-1] != self.features:
             skip = CausalConv3d(self.features, kernel_size=(1, 1, 1), dtype=self.dtype)(skip)
@@ -224,11 +257,13 @@ class Downsample(nn.Module):
     temporal: bool
     shortcut: bool = False
     dtype: Any = jnp.float32
+    time_padding: str = "replicate"
 
     @nn.compact
     def __call__(self, x_BxTxHxWxC):
         s, t = (2 if self.spatial else 1), (2 if self.temporal else 1)
-        y = CausalConv3d(self.features, strides=(t, s, s), dtype=self.dtype)(x_BxTxHxWxC)
+        y = CausalConv3d(self.features, strides=(t, s, s), time_padding=self.time_padding,
+                         dtype=self.dtype)(x_BxTxHxWxC)
         if self.shortcut:
             y = y + match_channels(causal_avg_pool(x_BxTxHxWxC, self.spatial, self.temporal), self.features)
         return y
@@ -246,13 +281,14 @@ class Upsample(nn.Module):
     temporal: bool
     shortcut: bool = False
     dtype: Any = jnp.float32
+    time_padding: str = "replicate"
 
     @nn.compact
     def __call__(self, x_BxTxHxWxC):
         x = skip = x_BxTxHxWxC
         if self.temporal:
             b, t, h, w, c = x.shape
-            x = CausalConv3d(2 * c, dtype=self.dtype)(x)
+            x = CausalConv3d(2 * c, time_padding=self.time_padding, dtype=self.dtype)(x)
             x = x.reshape(b, t, h, w, 2, c).transpose(0, 1, 4, 2, 3, 5).reshape(b, 2 * t, h, w, c)
             skip = jnp.repeat(skip, 2, axis=1)
             if _holds_frame_0(self):  # only that chunk drops a sub-frame; later streamed chunks keep theirs
@@ -260,10 +296,96 @@ class Upsample(nn.Module):
         if self.spatial:
             x = jnp.repeat(jnp.repeat(x, 2, axis=2), 2, axis=3)
             skip = jnp.repeat(jnp.repeat(skip, 2, axis=2), 2, axis=3)
-        y = CausalConv3d(self.features, dtype=self.dtype)(x)
+        y = CausalConv3d(self.features, time_padding=self.time_padding, dtype=self.dtype)(x)
         if self.shortcut:
             y = y + match_channels(skip, self.features)
         return y
+
+
+def _depth_to_time(x_BxTxHxWx2C):
+    """[B, T, H, W, 2C] -> [B, 2T, H, W, C]: channels [0:C] become the earlier sub-frame, [C:2C] the later."""
+    b, t, h, w, c2 = x_BxTxHxWx2C.shape
+    c = c2 // 2
+    return x_BxTxHxWx2C.reshape(b, t, h, w, 2, c).transpose(0, 1, 4, 2, 3, 5).reshape(b, 2 * t, h, w, c)
+
+
+class SeparableDownsample(nn.Module):
+    """Wan's resample down: a per-frame 3x3 conv of stride 2 (padded on the bottom and right only), then, if
+    `temporal`, a (3, 1, 1) conv of stride 2 over time that frame 0 skips: frames `1 + 2n -> 1 + n`, output
+    j >= 1 reading frames 2j-2..2j, output 0 being frame 0 itself.
+
+    Wan computes this chunk by chunk (frame 0, then 4 frames at a time) with a cache; over the whole clip it
+    is this. x: [B, T, H, W, C] -> [B, T', H/2, W/2, features].
+    """
+    features: int
+    spatial: bool
+    temporal: bool
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_BxTxHxWxC):
+        x = x_BxTxHxWxC
+        if self.spatial:
+            x = CausalConv3d(self.features, kernel_size=(1, 3, 3), strides=(1, 2, 2),
+                             spatial_padding=((0, 1), (0, 1)), dtype=self.dtype, name="spatial_conv")(x)
+        if self.temporal:
+            # The zero-padded causal conv's output 0 (which reads only padding and frame 0) is computed and
+            # dropped, so that a 1-frame clip still calls (and so initialises) the time conv.
+            y = CausalConv3d(self.features, kernel_size=(3, 1, 1), strides=(2, 1, 1), time_padding="zeros",
+                             dtype=self.dtype, name="time_conv")(x)
+            x = jnp.concatenate([x[:, :1], y[:, 1:]], axis=1)
+        return _constrain(x)
+
+
+class SeparableUpsample(nn.Module):
+    """Wan's resample up: if `temporal`, a (3, 1, 1) causal conv to 2C channels that become two sub-frames
+    per frame, for every frame but frame 0, which passes through alone and is not in the conv's view (the
+    conv sees zeros before frame 1, as Wan's first decode chunk leaves its cache); then nearest 2x in space
+    and a per-frame 3x3 conv. Frames `1 + n -> 1 + 2n`. x: [B, T, H, W, C] -> [B, T', 2H, 2W, features].
+    """
+    features: int
+    spatial: bool
+    temporal: bool
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_BxTxHxWxC):
+        x = x_BxTxHxWxC
+        if self.temporal:
+            first_chunk = _holds_frame_0(self)
+            # Frame 0 is replaced by zeros so the conv's view of frame 1 is (0, 0, frame 1) and its cache
+            # after a 1-frame first chunk is all zeros, as Wan's.
+            seen = jnp.concatenate([jnp.zeros_like(x[:, :1]), x[:, 1:]], axis=1) if first_chunk else x
+            y = _depth_to_time(CausalConv3d(2 * x.shape[-1], kernel_size=(3, 1, 1), time_padding="zeros",
+                                            dtype=self.dtype, name="time_conv")(seen))
+            x = jnp.concatenate([x[:, :1], y[:, 2:]], axis=1) if first_chunk else y
+        if self.spatial:
+            x = jnp.repeat(jnp.repeat(x, 2, axis=2), 2, axis=3)
+        x = CausalConv3d(self.features, kernel_size=(1, 3, 3), dtype=self.dtype, name="spatial_conv")(x)
+        return _constrain(x)
+
+
+class FrameAttention(nn.Module):
+    """Single-head self-attention among the positions of each frame (never across time, which keeps the
+    VAE causal), pre-RMS-norm and residual: Wan's mid-block attention. x: [B, T, H, W, C] -> same."""
+    norm_eps: float = 0.0
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_BxTxHxWxC):
+        b, t, h, w, c = x_BxTxHxWxC.shape
+        dense = functools.partial(
+            nn.Dense, dtype=self.dtype,
+            kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("conv_in", "conv_out")),
+            bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("conv_out",)))
+        normed = FrameNorm(1, self.dtype, "rms", self.norm_eps)(x_BxTxHxWxC)
+        qkv_NxSx3C = dense(3 * c, name="to_qkv")(normed).reshape(b * t, h * w, 3 * c)
+        q_NxSxC, k_NxSxC, v_NxSxC = jnp.split(qkv_NxSx3C, 3, axis=-1)
+        logits_NxSxS = jnp.einsum("nqc,nkc->nqk", q_NxSxC, k_NxSxC).astype(jnp.float32) / np.sqrt(c)
+        weights_NxSxS = jax.nn.softmax(logits_NxSxS, axis=-1).astype(v_NxSxC.dtype)
+        out_NxSxC = jnp.einsum("nqk,nkc->nqc", weights_NxSxS, v_NxSxC)
+        out = dense(c, name="proj")(out_NxSxC).reshape(b, t, h, w, c)
+        return _constrain(x_BxTxHxWxC + out)
 
 
 def causal_avg_pool(x_BxTxHxWxC, spatial: bool, temporal: bool):
@@ -321,23 +443,30 @@ def match_channels(x_BxTxHxWxC, channels: int):
 
 
 def stage_plan(widths: Sequence[int], spatial_factor: int, temporal_factor: int,
-                patch_size: int = 1) -> list[tuple[bool, bool]]:
+                patch_size: int = 1, temporal_stages: Sequence[bool] | None = None) -> list[tuple[bool, bool]]:
     """(spatial, temporal) for each of the len(widths)-1 resolution changes; time is compressed at the
-    high-resolution stages first, where halving the frames saves the most compute. The input patch
-    (space-to-depth) takes `patch_size` of the spatial factor before any stage."""
+    high-resolution stages first, where halving the frames saves the most compute, unless `temporal_stages`
+    (one bool a stage, Wan's `temperal_downsample`) says where. The input patch (space-to-depth) takes
+    `patch_size` of the spatial factor before any stage."""
     patch_stages = _check_factor("patch_size", patch_size)
     spatial_stages = _check_factor("spatial_factor", spatial_factor) - patch_stages
     if spatial_stages < 0:
         raise ValueError(f"patch_size={patch_size} is larger than spatial_factor={spatial_factor}; the patch is "
                          "part of the spatial compression")
-    temporal_stages = _check_factor("temporal_factor", temporal_factor)
-    num_stages = max(spatial_stages, temporal_stages)
+    temporal_stages_count = _check_factor("temporal_factor", temporal_factor)
+    num_stages = max(spatial_stages, temporal_stages_count)
     if len(widths) != num_stages + 1:
         raise ValueError(
             f"widths {tuple(widths)} has {len(widths)} levels, but spatial_factor={spatial_factor} (patch_size="
             f"{patch_size}) and temporal_factor={temporal_factor} need {num_stages} down stages, i.e. "
             f"{num_stages + 1} widths")
-    return [(i < spatial_stages, i < temporal_stages) for i in range(num_stages)]
+    if temporal_stages is None:
+        return [(i < spatial_stages, i < temporal_stages_count) for i in range(num_stages)]
+    temporal = tuple(bool(t) for t in temporal_stages)
+    if len(temporal) != num_stages or sum(temporal) != temporal_stages_count:
+        raise ValueError(f"temporal_stages {temporal} must have one entry for each of the {num_stages} down "
+                         f"stages, {temporal_stages_count} of them True for temporal_factor={temporal_factor}")
+    return [(i < spatial_stages, temporal[i]) for i in range(num_stages)]
 
 
 def space_to_depth(x_BxTxHxWxC, patch: int):
@@ -359,74 +488,114 @@ def depth_to_space(x_BxTxhxwxPPC, patch: int):
     return x.transpose(0, 1, 2, 4, 3, 5, 6).reshape(b, t, h * patch, w * patch, c)
 
 
-class Encoder(nn.Module):
-    """video [B, T, H, W, 3] -> (mean, logvar) [B, t, h, w, latent_channels], in the VAE's own latent space."""
+class _Layout(nn.Module):
+    """The fields Encoder and Decoder share, and the layers they build from them."""
     widths: tuple[int, ...]
     num_res_blocks: int
-    latent_channels: int
     spatial_factor: int
     temporal_factor: int
     norm_groups: int
     patch_size: int = 1
     shortcuts: bool = False
     norm: str = "group"
+    norm_eps: float = 1e-6
+    time_padding: str = "replicate"
+    resample: str = "conv3d"
+    mid_attention: bool = False
+    quant_convs: bool = False
+    decoder_res_blocks: int | None = None
+    temporal_stages: tuple[bool, ...] | None = None
     dtype: Any = jnp.float32
+
+    def _plan(self):
+        return stage_plan(self.widths, self.spatial_factor, self.temporal_factor, self.patch_size,
+                          self.temporal_stages)
+
+    def _conv(self, features, **kwargs):
+        return CausalConv3d(features, time_padding=self.time_padding, dtype=self.dtype, **kwargs)
+
+    def _res(self, features):
+        return ResBlock(features, self.norm_groups, self.dtype, self.norm, self.norm_eps, self.time_padding)
+
+    def _norm(self):
+        return FrameNorm(self.norm_groups, self.dtype, self.norm, self.norm_eps)
+
+    def _mid(self, x):
+        """The lowest-resolution block: a res block, or (with `mid_attention`) res, attention, res."""
+        x = self._res(self.widths[-1])(x)
+        if self.mid_attention:
+            x = FrameAttention(self.norm_eps, self.dtype)(x)
+            x = self._res(self.widths[-1])(x)
+        return x
+
+
+class Encoder(_Layout):
+    """video [B, T, H, W, 3] -> (mean, logvar) [B, t, h, w, latent_channels], in the VAE's own latent space."""
+    latent_channels: int = 0
 
     @nn.compact
     def __call__(self, video_BxTxHxWx3):
-        plan = stage_plan(self.widths, self.spatial_factor, self.temporal_factor, self.patch_size)
+        plan = self._plan()
         x = space_to_depth(_constrain(video_BxTxHxWx3.astype(self.dtype)), self.patch_size)
-        x = CausalConv3d(self.widths[0], dtype=self.dtype)(x)
+        x = self._conv(self.widths[0])(x)
         for level, width in enumerate(self.widths):
             for _ in range(self.num_res_blocks):
-                x = ResBlock(width, self.norm_groups, self.dtype, self.norm)(x)
+                x = self._res(width)(x)
             if level < len(plan):
                 spatial, temporal = plan[level]
-                x = Downsample(width, spatial, temporal, self.shortcuts, self.dtype)(x)
-        x = ResBlock(self.widths[-1], self.norm_groups, self.dtype, self.norm)(x)
-        h = nn.silu(FrameNorm(self.norm_groups, self.dtype, self.norm)(x))
+                if self.resample == "separable":
+                    x = SeparableDownsample(width, spatial, temporal, self.dtype)(x)
+                else:
+                    x = Downsample(width, spatial, temporal, self.shortcuts, self.dtype, self.time_padding)(x)
+        x = self._mid(x)
+        h = nn.silu(self._norm()(x))
         head = {}
         if self.shortcuts:  # start as the average-pool autoencoder, with a small posterior noise
             head = dict(kernel_init=nn.initializers.zeros_init(),
                         bias_init=lambda key, shape, dtype=jnp.float32: jnp.concatenate(
                             [jnp.zeros((shape[0] // 2,), dtype), jnp.full((shape[0] // 2,), _SHORTCUT_LOGVAR, dtype)]))
-        moments = CausalConv3d(2 * self.latent_channels, dtype=self.dtype, **head)(h).astype(jnp.float32)
-        mean, logvar = jnp.split(moments, 2, axis=-1)
+        moments = self._conv(2 * self.latent_channels, **head)(h)
+        if self.quant_convs:
+            moments = self._conv(2 * self.latent_channels, kernel_size=(1, 1, 1), name="quant_conv")(moments)
+        mean, logvar = jnp.split(moments.astype(jnp.float32), 2, axis=-1)
         if self.shortcuts:
             pooled = pool_pixels(video_BxTxHxWx3.astype(jnp.float32), self.spatial_factor, self.temporal_factor)
             mean = mean + pad_channels(pooled, self.latent_channels)
         return mean, jnp.clip(logvar, *_LOGVAR_RANGE)
 
 
-class Decoder(nn.Module):
-    """z [B, t, h, w, latent_channels] (VAE's own space) -> video [B, T, H, W, 3]; mirrors `Encoder`."""
-    widths: tuple[int, ...]
-    num_res_blocks: int
-    spatial_factor: int
-    temporal_factor: int
-    norm_groups: int
-    patch_size: int = 1
-    shortcuts: bool = False
-    norm: str = "group"
-    dtype: Any = jnp.float32
+class Decoder(_Layout):
+    """z [B, t, h, w, latent_channels] (VAE's own space) -> video [B, T, H, W, 3]; mirrors `Encoder`.
+
+    Separable resampling halves the channels in each upsample, as Wan's does, so a level's first res block
+    starts from half the width of the level below; `decoder_res_blocks` (default `num_res_blocks`) is the
+    res blocks per level.
+    """
 
     @nn.compact
     def __call__(self, z_BxtxhxwxC):
-        plan = stage_plan(self.widths, self.spatial_factor, self.temporal_factor, self.patch_size)
+        plan = self._plan()
         z = _constrain(z_BxtxhxwxC.astype(self.dtype))
-        x = CausalConv3d(self.widths[-1], dtype=self.dtype)(z)
+        if self.quant_convs:
+            z = self._conv(z.shape[-1], kernel_size=(1, 1, 1), name="post_quant_conv")(z)
+        x = self._conv(self.widths[-1])(z)
         if self.shortcuts:
             x = x + match_channels(z, self.widths[-1])
-        x = ResBlock(self.widths[-1], self.norm_groups, self.dtype, self.norm)(x)
+        x = self._mid(x)
+        res_blocks = self.num_res_blocks if self.decoder_res_blocks is None else self.decoder_res_blocks
         for level in reversed(range(len(self.widths))):
-            for _ in range(self.num_res_blocks):
-                x = ResBlock(self.widths[level], self.norm_groups, self.dtype, self.norm)(x)
+            for _ in range(res_blocks):
+                x = self._res(self.widths[level])(x)
             if level > 0:
                 spatial, temporal = plan[level - 1]
-                x = Upsample(self.widths[level - 1], spatial, temporal, self.shortcuts, self.dtype)(x)
-        x = nn.silu(FrameNorm(self.norm_groups, self.dtype, self.norm)(x))
+                if self.resample == "separable":
+                    x = SeparableUpsample(self.widths[level] // 2, spatial, temporal, self.dtype)(x)
+                else:
+                    x = Upsample(self.widths[level - 1], spatial, temporal, self.shortcuts, self.dtype,
+                                 self.time_padding)(x)
+        x = nn.silu(self._norm()(x))
         out = {"kernel_init": nn.initializers.zeros_init()} if self.shortcuts else {}
-        x = CausalConv3d(3 * self.patch_size ** 2, dtype=self.dtype, **out)(x).astype(jnp.float32)
+        x = self._conv(3 * self.patch_size ** 2, **out)(x).astype(jnp.float32)
         video = depth_to_space(x, self.patch_size)
         if self.shortcuts:
             # Only the chunk holding frame 0 decodes latent frame 0 to a single frame (as in Upsample).
@@ -445,7 +614,8 @@ class VideoVAE(nn.Module):
     t = 1 + (T-1)/temporal_factor, h = H/spatial_factor, w = W/spatial_factor; any T, H, W satisfying these
     (a 1-frame clip is an image). `widths` are the channels per resolution level, one level more than the
     number of halvings, log2(max(spatial_factor, temporal_factor)). `latent_mean`/`latent_std` (scalar or
-    per channel) map the VAE's latents to the diffusion model's; see the module docstring.
+    per channel) map the VAE's latents to the diffusion model's; see the module docstring. The fields from
+    `norm_eps` to `temporal_stages` select Wan 2.1's layout (`VAE_WAN21`); their defaults are soraax's own.
     """
     widths: tuple[int, ...] = VAE_TINY["widths"]
     num_res_blocks: int = VAE_TINY["num_res_blocks"]
@@ -456,20 +626,40 @@ class VideoVAE(nn.Module):
     patch_size: int = 1
     shortcuts: bool = False
     norm: str = "group"
+    norm_eps: float = 1e-6  # of the "rms" norm; Wan's is 0
+    time_padding: str = "replicate"  # what pads frame 0's past: copies of it, or "zeros" (Wan)
+    resample: str = "conv3d"  # one strided 3D conv, or "separable": 2D conv + time conv (Wan)
+    mid_attention: bool = False  # per-frame attention between two res blocks at the lowest resolution (Wan)
+    quant_convs: bool = False  # 1x1x1 convs after the encoder and before the decoder (Wan)
+    decoder_res_blocks: int | None = None  # res blocks per decoder level; None: num_res_blocks (Wan: +1)
+    temporal_stages: tuple[bool, ...] | None = None  # which down stages halve time; None: the first ones
     latent_mean: float | tuple[float, ...] = 0.0
     latent_std: float | tuple[float, ...] = 1.0
     dtype: Any = jnp.float32
 
     def setup(self):
-        stage_plan(self.widths, self.spatial_factor, self.temporal_factor, self.patch_size)
+        stage_plan(self.widths, self.spatial_factor, self.temporal_factor, self.patch_size, self.temporal_stages)
         bad = [w for w in self.widths if w % self.norm_groups]
         if bad:
             raise ValueError(f"norm_groups={self.norm_groups} must divide every width; widths {bad} of "
                              f"{tuple(self.widths)} are not multiples")
+        if self.resample not in RESAMPLES:
+            raise ValueError(f"VAE resample {self.resample!r} is not one of {RESAMPLES}")
+        if self.time_padding not in TIME_PADDINGS:
+            raise ValueError(f"VAE time_padding {self.time_padding!r} is not one of {TIME_PADDINGS}")
+        if self.shortcuts and self.resample != "conv3d":
+            raise ValueError("shortcuts (the average-pool paths) exist only with resample='conv3d'")
+        if self.resample == "separable" and any(w % 2 for w in self.widths[1:]):
+            raise ValueError(f"separable resampling halves the channels of each upsample: widths "
+                             f"{tuple(self.widths)} must be even after the first")
         common = dict(widths=tuple(self.widths), num_res_blocks=self.num_res_blocks,
                       spatial_factor=self.spatial_factor, temporal_factor=self.temporal_factor,
                       norm_groups=self.norm_groups, patch_size=self.patch_size, shortcuts=self.shortcuts,
-                      norm=self.norm, dtype=self.dtype)
+                      norm=self.norm, norm_eps=self.norm_eps, time_padding=self.time_padding,
+                      resample=self.resample, mid_attention=self.mid_attention, quant_convs=self.quant_convs,
+                      decoder_res_blocks=self.decoder_res_blocks,
+                      temporal_stages=None if self.temporal_stages is None else tuple(self.temporal_stages),
+                      dtype=self.dtype)
         self._shift_scale()
         self.encoder = Encoder(latent_channels=self.latent_channels, **common)
         self.decoder = Decoder(**common)

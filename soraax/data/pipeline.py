@@ -279,7 +279,9 @@ def _packed_batches(cfg, prepare, to_tokens, *, process_index, process_count, wi
     ds = ds.map(to_tokens)
     ds = packing.pack_clips(ds, seq_len=cfg.seq_len, text_len=cfg.text_len, max_segments=cfg.max_segments,
                             num_packing_bins=cfg.data.packing_bins, strategy=cfg.data.packing, seed=cfg.seed,
-                            with_text_states=with_text_states)
+                            with_text_states=with_text_states,
+                            # Wan: captions padded as its sampler pads them (soraax.sampling.text_pad_len)
+                            text_pad_len=int(cfg.model.get("text_pad_len", 0)))
     if after_packing is not None:
         ds = ds.map(after_packing)
     ds = ds.batch(cfg.batch_size // process_count, drop_remainder=True)
