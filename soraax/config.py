@@ -207,10 +207,12 @@ def _validate_types_and_ranges(cfg) -> None:
     _number(cfg, "ema_decay", 0.0, 1.0, high_open=True)
     _number(cfg, "diffusion.text_dropout", 0.0, 1.0, high_open=True)
     _number(cfg, "data.detailed_caption_rate", 0.0, 1.0)
-    rates = [_number(cfg, f"data.cond_{kind}_rate", 0.0, 1.0, default=0.0)
-             for kind in ("first_frame", "past_frames", "future_frames", "ends")]
-    _require(sum(rates) <= 1.0, "data.cond_first_frame_rate",
-             f"the four data.cond_*_rate keys are shares of the clips and must sum to at most 1, got {sum(rates):g}")
+    kinds = ("first_frame", "past_frames", "future_frames", "ends")
+    rates = {kind: _number(cfg, f"data.cond_{kind}_rate", 0.0, 1.0, default=0.0) for kind in kinds}
+    # Named by the largest share (the likeliest to have been set), the message giving all four.
+    _require(sum(rates.values()) <= 1.0, f"data.cond_{max(rates, key=rates.get)}_rate",
+             "the four data.cond_*_rate keys are shares of the clips and must sum to at most 1, got "
+             + " + ".join(f"{kind} {rate:g}" for kind, rate in rates.items()) + f" = {sum(rates.values()):g}")
     for key in ("diffusion.t_mean", "diffusion.guidance"):
         _number(cfg, key)
     _bool(cfg, "model.scan_layers")

@@ -52,9 +52,10 @@ VARIANTS = {"": {}, "umt5_in_step_": dict(model__text_encoder="t5", model__text_
 VARIANT_MESHES = {"": tuple(MESHES), "umt5_in_step_": ("fsdp", "mixed")}
 
 
-def main():
+def main(variants=tuple(VARIANTS)):
     report, changes, singles = {}, {}, {}
-    for prefix, overrides in VARIANTS.items():
+    for prefix in variants:
+        overrides = VARIANTS[prefix]
         # No warmup: the first step must move the params, or equal params would prove nothing.
         cfg = micro_config(batch_size=8, warmup_steps=0, **overrides)
         task = train.dit_task(cfg)
@@ -73,4 +74,6 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    # argv: the variants to run ("bytes", "umt5_in_step"); none: all of them.
+    names = {"bytes": "", "umt5_in_step": "umt5_in_step_"}
+    main(tuple(names[a] for a in sys.argv[1:]) or tuple(VARIANTS))

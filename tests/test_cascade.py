@@ -207,6 +207,7 @@ def test_sr_batches_carry_the_low_res_latent_token_for_token():
 # -------------------------------------------------------------------------------------------- training
 
 
+@pytest.mark.slow  # trains the SR stage fixture (sr_dir); .ci/run runs it
 def test_sr_stage_trains_and_checkpoints(sr_dir):
     workdir, records = sr_dir
     assert [r["step"] for r in records] == [1, 2] and all(np.isfinite(r["loss"]) for r in records)
@@ -243,6 +244,7 @@ def test_sr_keys_are_validated_with_their_names(key, value, message):
 # -------------------------------------------------------------------------------------------- cascade
 
 
+@pytest.mark.slow  # trains the SR stage fixture (sr_dir); .ci/run runs it
 def test_cascade_cli_writes_the_sr_size(base_dir, sr_dir, tmp_path, capsys):
     out = str(tmp_path / "x.mp4")
     written = sample.main(["--cascade", f"{base_dir},{sr_dir[0]}", "--prompt", PROMPT, "--out", out,
@@ -266,6 +268,7 @@ def stages(base_dir, sr_dir, tmp_path_factory):
     return base, spatial, sampling.load_run(workdir, task="sr")
 
 
+@pytest.mark.slow  # trains the SR stage fixture (sr_dir); .ci/run runs it
 def test_low_res_conditioning_reaches_the_sr_output(stages):
     base, sr, _ = stages
     keys = [sampling.clip_key(0, 0)]
@@ -278,12 +281,14 @@ def test_low_res_conditioning_reaches_the_sr_output(stages):
     assert np.abs(other - up).max() > 1e-2
 
 
+@pytest.mark.slow  # trains the SR stage fixture (sr_dir); .ci/run runs it
 def test_temporal_sr_doubles_the_frame_rate(stages):
     base, _, temporal = stages
     videos = cascade.generate([base, temporal], [PROMPT], frames=9, height=32, width=48, seed=0)
     assert videos.shape == (1, 9, 32, 48, 3) and videos.dtype == np.uint8  # base: 5 x 16 x 24
 
 
+@pytest.mark.slow  # trains the SR stage fixture (sr_dir); .ci/run runs it
 def test_cascade_cli_refuses_bad_stages_and_sizes_before_computing(base_dir, sr_dir, tmp_path, capsys):
     sr = sr_dir[0]
     for argv, message in [

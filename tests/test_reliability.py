@@ -149,6 +149,7 @@ def _dit_task(cfg, vae_dir):
     return train.dit_task(cfg, train.load_vae_params(cfg, vae_dir), train.vae_latent_stats(cfg, vae_dir))
 
 
+@pytest.mark.slow  # compiles a few train steps: out of the 10-minute suite, run by .ci/run
 def test_an_injected_nan_batch_is_skipped_and_counted(vae_dir, tmp_path):
     cfg = micro_config(total_steps=4, log_every=1, vae__checkpoint=vae_dir)
     clean = train.train(cfg, str(tmp_path / "clean"), _dit_task(cfg, vae_dir), show_progress=False)
@@ -167,6 +168,7 @@ def test_an_injected_nan_batch_is_skipped_and_counted(vae_dir, tmp_path):
     assert all(bool(np.isfinite(np.asarray(x)).all()) for x in jax.tree_util.tree_leaves(state.params))
 
 
+@pytest.mark.slow  # compiles a few train steps: out of the 10-minute suite, run by .ci/run
 def test_a_run_that_stays_non_finite_stops_clearly_and_keeps_its_last_checkpoint(vae_dir, tmp_path):
     cfg = micro_config(total_steps=12, log_every=1, checkpoint_every=2, max_nonfinite_steps=3,
                        vae__checkpoint=vae_dir)

@@ -91,6 +91,7 @@ def test_dropped_captions_become_the_tokenizers_empty_caption(tokenizer_kind):
         assert set(np.unique(kept)) == set(range(count + 1))
 
 
+@pytest.mark.slow  # compiles a few train steps: out of the 10-minute suite, run by .ci/run
 def test_cached_states_give_the_loss_of_the_encoder_run_in_the_step():
     cfg = _cfg(diffusion__text_dropout=0.5)  # some captions dropped, some kept, in both paths alike
     models = build(cfg)
@@ -166,6 +167,7 @@ def test_a_frozen_encoder_in_the_step_gets_no_gradient_and_is_never_checkpointed
     jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(resumed.frozen), before)
 
 
+@pytest.mark.slow  # compiles a few train steps: out of the 10-minute suite, run by .ci/run
 def test_a_tiny_dit_learns_with_the_pretrained_encoder():
     # Each clip's latents are its caption's own constant: with the caption's MiniLM states the DiT can tell
     # what to denoise towards. After training on that batch it must do better with the right captions than
