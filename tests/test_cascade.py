@@ -180,6 +180,7 @@ def test_sr_dit_packs_exactly_and_sees_its_own_low_res_clip():
 # -------------------------------------------------------------------------------------------- batches
 
 
+@pytest.mark.slow  # encodes through the VAE at a dozen clip shapes; .ci/run runs it
 def test_sr_batches_carry_the_low_res_latent_token_for_token():
     # A parameter-free "VAE" (4x4 pixel and 4-frame causal means): the low-res latent of the 2x-downscaled
     # crop is then exactly the 2x2 mean of the high-res latent, so nearest upsampling must give it back.

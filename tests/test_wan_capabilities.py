@@ -10,6 +10,9 @@ from soraax import capabilities, sample, sampling
 from soraax.data.video_io import read_video, write_image, write_video
 from test_wan_dit import DATA, _tiny_config_file
 
+# Every mode samples through Wan's VAE and DiT (~40 s of compiles): out of the 10-minute suite, run by .ci/run.
+pytestmark = pytest.mark.slow
+
 PROMPT = "a red cat runs"
 H, W = 32, 48  # the tiny VAE's 8x spatial factor times the 1x2x2 patch: multiples of 16
 
@@ -82,7 +85,6 @@ def test_every_mode_of_the_cli_writes_a_clip_of_the_right_size_and_length(run, t
         assert written[0] == out and read_video(out).shape == (frames, H, W, 3), flags
 
 
-@pytest.mark.slow  # compiles a few train steps: out of the 10-minute suite, run by .ci/run
 def test_a_run_fine_tuned_from_the_folder_samples_every_mode(tmp_path):
     """Two train steps from init_from (Wan's VAE encodes, captions padded as Wan's sampler pads them), then
     load_run on that workdir: its VAE is the folder's again and each capability gives a clip of its size."""
