@@ -26,10 +26,8 @@ from safetensors.numpy import save_file
 
 from soraax import weights
 from soraax.dit import DiT
-from soraax.wan.table import get_path, set_path, shape_after
+from soraax.wan.table import CONFIG, WEIGHTS, get_path, read_part_config, set_path, shape_after
 
-CONFIG = "config.json"
-WEIGHTS = "diffusion_pytorch_model.safetensors"
 CLASS_NAME = "WanTransformer3DModel"
 # What soraax's DiT builds in: a config asking for anything else is not a model this module can hold.
 FIXED = {"cross_attn_norm": True, "eps": 1e-6, "image_dim": None, "added_kv_proj_dim": None,
@@ -160,12 +158,7 @@ def _block_entries(dit: DiT, i: int):
 # --------------------------------------------------------------------------------------------- load / save
 
 def read_config(folder: str) -> dict:
-    path = os.path.join(folder, CONFIG)
-    if not os.path.isfile(path):
-        raise weights.WeightsError(f"{folder} holds no {CONFIG}: a diffusers Wan folder's transformer/ has "
-                                   f"{CONFIG} and {WEIGHTS} (or its shards and index)")
-    with open(path) as f:
-        return json.load(f)
+    return read_part_config(folder, "transformer")
 
 
 def load_wan_transformer(folder: str, **overrides) -> WanTransformer:

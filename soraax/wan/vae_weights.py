@@ -27,10 +27,8 @@ import numpy as np
 
 from soraax import weights
 from soraax.vae import VAE_WAN21, VideoVAE, stage_plan
-from soraax.wan.table import get_path, set_path, shape_after
+from soraax.wan.table import CONFIG, WEIGHTS, get_path, read_part_config, set_path, shape_after
 
-CONFIG = "config.json"
-WEIGHTS = "diffusion_pytorch_model.safetensors"
 # The config.json fields of a Wan 2.1 VAE that soraax maps; any other value of these is refused by name.
 _FIXED = dict(is_residual=False, patch_size=None, attn_scales=[], in_channels=3, out_channels=3)
 
@@ -209,12 +207,7 @@ def expected_tensors(vae: VideoVAE) -> dict[str, tuple[int, ...]]:
 # --------------------------------------------------------------------------------------------- load / save
 
 def read_config(folder: str) -> dict:
-    path = os.path.join(folder, CONFIG)
-    if not os.path.isfile(path):
-        raise weights.WeightsError(f"{folder} holds no {CONFIG}: a diffusers Wan folder's vae/ has {CONFIG} "
-                                   f"and {WEIGHTS} (or its shards and index)")
-    with open(path) as f:
-        return json.load(f)
+    return read_part_config(folder, "vae")
 
 
 def load_wan_vae(folder: str, *, dtype=jnp.float32) -> WanVAE:
