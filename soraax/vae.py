@@ -40,6 +40,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from soraax.conv import time_split_conv
+
 # Presets are data, so a config names one and overrides fields: `VideoVAE(**{**VAE_TINY, "latent_channels": 4})`.
 # Tiny: 0.52M params, sized for CPU runs on small clips (e.g. 64x96 moving shapes).
 VAE_TINY = dict(widths=(8, 16, 32, 32), num_res_blocks=1, latent_channels=8,
@@ -188,7 +190,7 @@ class CausalConv3d(nn.Module):
         conv = nn.Conv(
             self.features, self.kernel_size, strides=self.strides,
             padding=((0, 0), *(self.spatial_padding or ((kh // 2, kh // 2), (kw // 2, kw // 2)))),
-            dtype=self.dtype,
+            dtype=self.dtype, conv_general_dilated=time_split_conv,
             kernel_init=nn.with_logical_partitioning(self.kernel_init, CONV_KERNEL_AXES),
             bias_init=nn.with_logical_partitioning(self.bias_init, ("conv_out",)))
         return _constrain(conv(x_padded))
