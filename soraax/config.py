@@ -217,6 +217,7 @@ def _validate_types_and_ranges(cfg) -> None:
         _number(cfg, key)
     _bool(cfg, "model.scan_layers")
     _bool(cfg, "model.pooled_text", default=False)
+    _bool(cfg, "model.adaln_slots", default=True)
     for key in ("data.manifest", "data.tfds_dir", "data.tfds_name", "vae.checkpoint"):
         _text(cfg, key)
 

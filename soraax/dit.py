@@ -40,6 +40,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from soraax.cond_slots import at_slots, conditioning_slots, gather_slots
 from soraax.layers import Mlp, MultiHeadAttention
 
 # Sizes of the DiT paper (Table 1); patch size and latent channels come from the config.
@@ -111,10 +112,11 @@ def _layer_norm(name: str, dtype):
 
 
 class TimestepEmbedder(nn.Module):
-    """Per-token timestep t [B, S] -> conditioning c [B, S, D]."""
+    """Per-token timestep t [B, S] -> conditioning c [B, S, D] (or per slot, [B, M] -> [B, M, D])."""
     width: int
     freq_dim: int = 256
     dtype: Any = jnp.float32
+    length_axis: str | None = "length"   # None for slots: few, and not split over the sequence's shards
 
     @nn.compact
     def __call__(self, t_BxS):
@@ -122,7 +124,7 @@ class TimestepEmbedder(nn.Module):
         x = nn.Dense(self.width, dtype=self.dtype, kernel_init=_dense_init((None, "embed")), name="fc1")(x)
         x = nn.silu(x)
         x = nn.Dense(self.width, dtype=self.dtype, kernel_init=_dense_init(("mlp", "embed")), name="fc2")(x)
-        return nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        return nn.with_logical_constraint(x, ("batch", self.length_axis, "embed"))
 
 
 def segment_mean(values_BxLxT, value_segment_ids_BxL, query_segment_ids_BxS):
@@ -165,15 +167,18 @@ class DiTBlock(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x_BxSxD, c_BxSxD, angles, segment_ids, text_BxLxD, text_segment_ids):
+    def __call__(self, x_BxSxD, c_BxSxD, angles, segment_ids, text_BxLxD, text_segment_ids, slot_BxS=None):
+        """`c` is per token [B, S, .], or per slot [B, M, .] with `slot_BxS` naming each token's slot."""
         width = x_BxSxD.shape[-1]
+        to_tokens = (lambda v: v) if slot_BxS is None else (lambda v: gather_slots(v, slot_BxS))
         if self.shared_modulation:
             table_6xD = self.param("scale_shift_table", _table_init(6), (6, width), jnp.float32)
             mod = c_BxSxD.reshape(*c_BxSxD.shape[:-1], 6, width) + table_6xD.astype(c_BxSxD.dtype)[None, None]
+            mod = to_tokens(mod)
             shift_sa, scale_sa, gate_sa, shift_mlp, scale_mlp, gate_mlp = (mod[..., i, :] for i in range(6))
         else:
-            mod = nn.Dense(6 * width, dtype=self.dtype, kernel_init=_zeros(("embed", "mlp")),
-                           name="adaLN_modulation")(nn.silu(c_BxSxD))
+            mod = to_tokens(nn.Dense(6 * width, dtype=self.dtype, kernel_init=_zeros(("embed", "mlp")),
+                                     name="adaLN_modulation")(nn.silu(c_BxSxD)))
             shift_sa, scale_sa, gate_sa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod, 6, axis=-1)
 
         h = modulate(_layer_norm("norm1", self.dtype)(x_BxSxD), shift_sa, scale_sa)
@@ -214,6 +219,7 @@ class DiT(nn.Module):
     qk_norm: bool = False
     text_mlp: bool = False
     freq_dim: int = 256          # sinusoidal features of t before the timestep MLP
+    cond_slots: int = 0          # > 0: adaLN computed per (clip, t) slot of a row (soraax/cond_slots.py); 0: per token
     rope_theta: float = 10_000.0
     attn_impl: str = "xla"
     remat_policy: str = "none"
@@ -232,6 +238,8 @@ class DiT(nn.Module):
             raise ValueError(f"modulation {self.modulation!r} is not one of {MODULATIONS}")
         if self.mlp_dim < 0:
             raise ValueError(f"mlp_dim must be >= 0 (0: width * mlp_ratio), got {self.mlp_dim}")
+        if self.cond_slots < 0:
+            raise ValueError(f"cond_slots must be >= 0 (0: conditioning per token), got {self.cond_slots}")
 
     def _check_lowres(self, lowres_BxSxQ, aug_BxS, tokens_shape):
         if not self.lowres_dim:
@@ -255,15 +263,26 @@ class DiT(nn.Module):
         x_BxSxD = nn.Dense(self.width, dtype=self.dtype, kernel_init=_dense_init((None, "embed")),
                            name="patch_embed")(inputs_BxSxP)
         x_BxSxD = nn.with_logical_constraint(x_BxSxD, ("batch", "length", "embed"))
-        c_BxSxD = TimestepEmbedder(self.width, self.freq_dim, dtype=self.dtype, name="t_embedder")(t_BxS)
+        # The conditioning c below is per token [B, S, D], or with cond_slots per slot [B, M, D]: its inputs
+        # (t, the clip's caption, aug) read at one token of each slot, and gathered back to tokens per block.
+        slot_BxS, fits_B, cond_axis = None, None, "length"
+        t_c, segment_ids_c, aug_c = t_BxS, segment_ids_BxS, aug_BxS
+        if self.cond_slots:
+            slot_BxS, first_BxM, fits_B = conditioning_slots(segment_ids_BxS, t_BxS, self.cond_slots, aug_BxS)
+            t_c, segment_ids_c = at_slots(t_BxS, first_BxM), at_slots(segment_ids_BxS, first_BxM)
+            aug_c = None if aug_BxS is None else at_slots(aug_BxS, first_BxM)
+            cond_axis = None
+        c_BxSxD = TimestepEmbedder(self.width, self.freq_dim, dtype=self.dtype, length_axis=cond_axis,
+                                   name="t_embedder")(t_c)
         if self.lowres_dim:
             # The augmentation level tells the network how far to trust its conditioning (CDM, Ho et al. 2021):
             # trained over a range of levels, sampled at one fixed level (sr.sample_aug).
-            c_BxSxD = c_BxSxD + TimestepEmbedder(self.width, dtype=self.dtype, name="aug_embedder")(aug_BxS)
+            c_BxSxD = c_BxSxD + TimestepEmbedder(self.width, dtype=self.dtype, length_axis=cond_axis,
+                                                 name="aug_embedder")(aug_c)
         if self.pooled_text:
             # The caption's mean embedding joins the timestep in adaLN (as SD3's pooled text does): a global
             # signal every block sees from the first step, while cross-attention learns the details.
-            pooled_BxSxT = segment_mean(text_BxLxT, text_segment_ids_BxL, segment_ids_BxS)
+            pooled_BxSxT = segment_mean(text_BxLxT, text_segment_ids_BxL, segment_ids_c)
             c_BxSxD = c_BxSxD + nn.Dense(self.width, dtype=self.dtype, kernel_init=_dense_init((None, "embed")),
                                          name="pooled_text_proj")(pooled_BxSxT.astype(self.dtype))
         angles = rope_angles(coords_BxSx3, head_dim=self.width // self.heads, theta=self.rope_theta)
@@ -292,7 +311,7 @@ class DiT(nn.Module):
         block_kwargs = dict(heads=self.heads, mlp_ratio=self.mlp_ratio, mlp_dim=self.mlp_dim,
                             cross_attn=self.cross_attn, qk_norm=self.qk_norm, shared_modulation=shared,
                             attn_impl=self.attn_impl, dtype=self.dtype)
-        args = (block_c_BxSxD, angles, segment_ids_BxS, text_BxLxD, text_segment_ids_BxL)
+        args = (block_c_BxSxD, angles, segment_ids_BxS, text_BxLxD, text_segment_ids_BxL, slot_BxS)
         if self.scan_layers:
             x_BxSxD, _ = nn.scan(
                 block, variable_axes={"params": 0}, split_rngs={"params": True},
@@ -312,8 +331,15 @@ class DiT(nn.Module):
             shift, scale = jnp.split(nn.Dense(2 * self.width, dtype=self.dtype,
                                               kernel_init=_zeros(("embed", "mlp")),
                                               name="final_modulation")(nn.silu(c_BxSxD)), 2, axis=-1)
+        if slot_BxS is not None:
+            shift, scale = gather_slots(shift, slot_BxS), gather_slots(scale, slot_BxS)
         x_BxSxD = modulate(_layer_norm("final_norm", self.dtype)(x_BxSxD), shift, scale)
         v_BxSxP = nn.Dense(self.patch_dim, dtype=self.dtype, kernel_init=_zeros(("embed", None)),
                            name="final_proj")(x_BxSxD)
         real_BxS = (segment_ids_BxS > 0)[..., None]
-        return jnp.where(real_BxS, v_BxSxP.astype(jnp.float32), 0.0)
+        v_BxSxP = jnp.where(real_BxS, v_BxSxP.astype(jnp.float32), 0.0)
+        if fits_B is not None:
+            # A row with more distinct (clip, t) than slots got some tokens another slot's conditioning: NaN,
+            # never a wrong velocity that looks right (soraax/cond_slots.py).
+            v_BxSxP = jnp.where(fits_B[:, None, None] | ~real_BxS, v_BxSxP, jnp.nan)
+        return v_BxSxP

@@ -14,6 +14,9 @@ from flax import traverse_util
 
 # DiT kernels that act on text tokens rather than video tokens.
 _TEXT_SIDE = ("text_proj", "cross_attn/key", "cross_attn/value")
+# DiT kernels of the conditioning path: per token, or per (clip, t) slot with model.adaln_slots.
+_CONDITIONING_SIDE = ("t_embedder", "aug_embedder", "pooled_text_proj", "time_proj", "adaLN_modulation",
+                      "final_modulation")
 
 
 def _kernel_sizes(params) -> dict[str, int]:
@@ -36,16 +39,24 @@ def dit_train_flops(cfg, params, frozen=None, text_module=None) -> dict[str, flo
     backward); a cached one (in neither) costs the step nothing. `text_module` gives the encoder's depth and
     attention width (default: the config's byte encoder).
 
-    Attention is counted over the whole row (S x S), which is what the xla and chunked backends compute
+    The conditioning path (timestep MLP, adaLN) runs per (clip, t) slot of a row with `model.adaln_slots`
+    (soraax/cond_slots.py), per token without. Attention is counted over the whole row (S x S), which is what the xla and chunked backends compute
     whatever the segments; a block-sparse kernel (splash) skips the cross-segment blocks.
     """
     rows, s, l = cfg.batch_size, cfg.seq_len, cfg.text_len
     m = cfg.model
     dit_kernels = _kernel_sizes(params["dit"])
-    video_side = sum(n for p, n in dit_kernels.items() if not any(t in p for t in _TEXT_SIDE))
-    text_side = sum(n for p, n in dit_kernels.items() if any(t in p for t in _TEXT_SIDE))
+
+    def side(names):
+        return sum(n for p, n in dit_kernels.items() if any(t in p for t in names))
+    text_side, conditioning_side = side(_TEXT_SIDE), side(_CONDITIONING_SIDE)
+    video_side = sum(dit_kernels.values()) - text_side - conditioning_side
+    conditioning_rows = s
+    if m.get("adaln_slots", True):
+        from soraax.cond_slots import slots_for
+        conditioning_rows = slots_for(cfg.max_segments)
     # A scanned stack keeps the layer axis in the kernel's shape, so the sizes above already hold all layers.
-    forward = 2.0 * rows * (s * video_side + l * text_side)
+    forward = 2.0 * rows * (s * video_side + l * text_side + conditioning_rows * conditioning_side)
     forward += 4.0 * rows * m.depth * m.width * (s * s + s * l)      # self- and cross-attention
     if text_module is None:
         from soraax.models import build

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from soraax import patches
+from soraax.cond_slots import slots_for
 from soraax.dit import DiT
 from soraax.text.encoders import TextModel, build_text_model
 from soraax.vae import VideoVAE
@@ -67,7 +68,9 @@ def build(cfg: ml_collections.ConfigDict, latent_mean=0.0, latent_std=1.0) -> Mo
               # Wan 2.1's switches (soraax/dit.py); .get: configs without them are the DiT they always were.
               mlp_dim=m.get("mlp_dim", 0), freq_dim=m.get("freq_dim", 256),
               modulation=m.get("modulation", "per_block"), qk_norm=m.get("qk_norm", False),
-              text_mlp=m.get("text_mlp", False))
+              text_mlp=m.get("text_mlp", False),
+              # adaLN once per (clip, t) of a row, not per token: the same function for ~1/3 fewer FLOPs.
+              cond_slots=slots_for(cfg.max_segments) if m.get("adaln_slots", True) else 0)
     text = build_text_model(m, text_len=cfg.text_len, dtype=dtype, default_path=wan_text_encoder_path(cfg))
     vae_folder = wan_vae_path(cfg)
     if vae_folder:
