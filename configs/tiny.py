@@ -48,6 +48,7 @@ def get_config(arg=None):
     c.model.text_cache = True            # frozen encoders: encode each caption once in the pipeline (3x faster steps)
     c.model.pooled_text = True           # the caption's mean embedding also joins adaLN (SD3)
     c.model.adaln_slots = True           # adaLN per (clip, t) of a row, not per token: same function, fewer FLOPs
+    c.model.local_attention = True       # self-attention skips blocks no clip reaches (data.token_budget); exact
 
     c.diffusion = ml_collections.ConfigDict()
     c.diffusion.t_mean = 0.0             # logit-normal timestep sampling (SD3)
@@ -84,6 +85,8 @@ def get_config(arg=None):
     c.data.num_examples = 1_000_000      # synthetic clips per epoch
     c.data.token_budget = 128            # video tokens per clip at most; clips are resized keeping aspect
     c.data.max_frames = 17
+    c.data.synthetic_min_frames = 13     # videos of 13..17 frames (4-5 latent frames) and images: the motion
+                                         # a caption names spans the clip, as in the 17-frame eval prompts
     c.data.detailed_caption_rate = 0.0   # share of captions in the long, prompt-expanded style; short ones
                                          # bind words faster at this size and fit text_len
     # Clips trained with frames given clean (t = 0, no loss), so one model also does image->video,

@@ -49,6 +49,7 @@ def get_config(arg=None):
     c.model.text_mlp = True              # caption projection 4096 -> 1536 -> 1536 (GELU-tanh between)
     c.model.pooled_text = False
     c.model.adaln_slots = True           # adaLN per (clip, t) of a row, not per token: same function, fewer FLOPs
+    c.model.local_attention = True       # self-attention skips blocks no clip reaches (data.token_budget); exact
     c.model.attn_impl = "chunked"        # splash on TPU, cudnn on NVIDIA GPUs are faster
     c.model.remat_policy = "dots_no_batch"
     c.model.scan_layers = True

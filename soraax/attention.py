@@ -30,6 +30,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental.pallas.ops.tpu import splash_attention as splash
 
+from soraax import local_attention
+
 IMPLS = ("xla", "chunked", "splash", "cudnn")
 
 # The splash kernel tiles sequences in multiples of the TPU's 128 lanes.
@@ -37,13 +39,31 @@ _SPLASH_LANES = 128
 
 
 def attention(q, k, v, q_segment_ids, kv_segment_ids, *, impl: str = "xla", block_q: int = 512,
-              block_kv: int = 512):
+              block_kv: int = 512, local_max_len: int = 0):
     """q [B, Q, H, D], k/v [B, K, H, D], segment ids int [B, Q] / [B, K] (0 = padding) -> [B, Q, H, D].
 
     `block_q` / `block_kv` tile the `chunked` and `splash` backends (clamped to the sequence lengths, which
-    need not be multiples of them); `xla` and `cudnn` ignore them.
+    need not be multiples of them); `xla` and `cudnn` ignore them. `local_max_len` > 0 (self-attention over
+    packed rows of clips of at most that many tokens) lets `xla` and `chunked` compute only the key blocks
+    within a clip's reach (soraax/local_attention.py), falling back to the whole row (chunked) for a batch
+    whose clips are longer or not contiguous: the same function either way.
     """
     _check_inputs(q, k, v, q_segment_ids, kv_segment_ids)
+    if local_max_len and impl in ("xla", "chunked") and q.shape[1] == k.shape[1]:
+        blocking = local_attention.plan(q.shape[1], local_max_len)
+        if blocking is not None:
+            def whole_row(q, k, v, q_ids, kv_ids):
+                # chunked whatever `impl`: under grad, lax.cond saves the residuals of BOTH branches (zeros for
+                # the one not taken), and xla's are the [B, H, S, S] probabilities, which cost more to fill
+                # than the local window saves (measured: step 0.53 s with the xla fallback, 0.40 s with this).
+                return attention(q, k, v, q_ids, kv_ids, impl="chunked", block_q=block_q, block_kv=block_kv)
+
+            def local(q, k, v, q_ids, kv_ids):
+                del kv_ids  # equal to q_ids on this branch
+                return local_attention.local_attention(q, k, v, q_ids, block=blocking[0], reach=blocking[1])
+
+            usable = local_attention.fits(q_segment_ids, local_max_len) & jnp.all(q_segment_ids == kv_segment_ids)
+            return lax.cond(usable, local, whole_row, q, k, v, q_segment_ids, kv_segment_ids)
     if impl == "xla":
         return _xla_attention(q, k, v, q_segment_ids, kv_segment_ids)
     if impl == "chunked":

@@ -164,6 +164,7 @@ class DiTBlock(nn.Module):
     qk_norm: bool = False
     shared_modulation: bool = False
     attn_impl: str = "xla"
+    clip_tokens: int = 0
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -182,7 +183,8 @@ class DiTBlock(nn.Module):
             shift_sa, scale_sa, gate_sa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod, 6, axis=-1)
 
         h = modulate(_layer_norm("norm1", self.dtype)(x_BxSxD), shift_sa, scale_sa)
-        h = MultiHeadAttention(self.heads, self.attn_impl, self.dtype, qk_norm=self.qk_norm, name="self_attn")(
+        h = MultiHeadAttention(self.heads, self.attn_impl, self.dtype, qk_norm=self.qk_norm,
+                               local_max_len=self.clip_tokens, name="self_attn")(
             h, h, segment_ids, segment_ids, rotate=functools.partial(apply_rope, angles_BxSxK2=angles))
         x_BxSxD = x_BxSxD + gate_sa * h
 
@@ -220,6 +222,8 @@ class DiT(nn.Module):
     text_mlp: bool = False
     freq_dim: int = 256          # sinusoidal features of t before the timestep MLP
     cond_slots: int = 0          # > 0: adaLN computed per (clip, t) slot of a row (soraax/cond_slots.py); 0: per token
+    clip_tokens: int = 0         # > 0: clips hold at most this many tokens, so self-attention computes only the
+                                 # blocks a clip reaches (soraax/local_attention.py; exact, whole-row fallback)
     rope_theta: float = 10_000.0
     attn_impl: str = "xla"
     remat_policy: str = "none"
@@ -310,7 +314,7 @@ class DiT(nn.Module):
             block = nn.remat(block, policy=policy, prevent_cse=not self.scan_layers)
         block_kwargs = dict(heads=self.heads, mlp_ratio=self.mlp_ratio, mlp_dim=self.mlp_dim,
                             cross_attn=self.cross_attn, qk_norm=self.qk_norm, shared_modulation=shared,
-                            attn_impl=self.attn_impl, dtype=self.dtype)
+                            attn_impl=self.attn_impl, clip_tokens=self.clip_tokens, dtype=self.dtype)
         args = (block_c_BxSxD, angles, segment_ids_BxS, text_BxLxD, text_segment_ids_BxL, slot_BxS)
         if self.scan_layers:
             x_BxSxD, _ = nn.scan(

@@ -40,8 +40,9 @@ def dit_train_flops(cfg, params, frozen=None, text_module=None) -> dict[str, flo
     attention width (default: the config's byte encoder).
 
     The conditioning path (timestep MLP, adaLN) runs per (clip, t) slot of a row with `model.adaln_slots`
-    (soraax/cond_slots.py), per token without. Attention is counted over the whole row (S x S), which is what the xla and chunked backends compute
-    whatever the segments; a block-sparse kernel (splash) skips the cross-segment blocks.
+    (soraax/cond_slots.py), per token without. Self-attention is counted over each query block's window
+    where model.local_attention applies (soraax/local_attention.py), else over the whole row (S x S), which
+    is what the xla and chunked backends compute whatever the segments; splash skips cross-segment blocks.
     """
     rows, s, l = cfg.batch_size, cfg.seq_len, cfg.text_len
     m = cfg.model
@@ -57,7 +58,13 @@ def dit_train_flops(cfg, params, frozen=None, text_module=None) -> dict[str, flo
         conditioning_rows = slots_for(cfg.max_segments)
     # A scanned stack keeps the layer axis in the kernel's shape, so the sizes above already hold all layers.
     forward = 2.0 * rows * (s * video_side + l * text_side + conditioning_rows * conditioning_side)
-    forward += 4.0 * rows * m.depth * m.width * (s * s + s * l)      # self- and cross-attention
+    keys = s   # keys a query's self-attention computes: the whole row, or the window of model.local_attention
+    if m.get("local_attention", True) and m.attn_impl in ("xla", "chunked"):
+        from soraax.local_attention import plan
+        blocking = plan(s, int(cfg.data.token_budget))
+        if blocking is not None:
+            keys = (2 * blocking[1] + 1) * blocking[0]
+    forward += 4.0 * rows * m.depth * m.width * (s * keys + s * l)   # self- and cross-attention
     if text_module is None:
         from soraax.models import build
         text_module = build(cfg).text_encoder

@@ -38,6 +38,7 @@ class MultiHeadAttention(nn.Module):
     activation_axes: tuple[str, str, str] = ("batch", "length", "embed")
     qk_norm: bool = False
     norm_eps: float = 1e-6
+    local_max_len: int = 0   # self-attention over rows of clips of at most this many tokens (attention.attention)
 
     @nn.compact
     def __call__(self, x_BxSxD, kv_BxLxD, q_segment_ids, kv_segment_ids,
@@ -62,7 +63,7 @@ class MultiHeadAttention(nn.Module):
             q_BxSxHxK, k_BxLxHxK = rotate(q_BxSxHxK), rotate(k_BxLxHxK)
         q_BxSxHxK = nn.with_logical_constraint(q_BxSxHxK, (batch, length, "heads", "kv"))
         out_BxSxHxK = attention(q_BxSxHxK, k_BxLxHxK, v_BxLxHxK, q_segment_ids, kv_segment_ids,
-                                impl=self.attn_impl)
+                                impl=self.attn_impl, local_max_len=self.local_max_len)
         out_BxSxD = _dense(width, ("heads", "embed"), "embed", self.dtype, "out")(
             out_BxSxHxK.reshape(*out_BxSxHxK.shape[:-2], width))
         return nn.with_logical_constraint(out_BxSxD, self.activation_axes)

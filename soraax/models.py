@@ -70,7 +70,9 @@ def build(cfg: ml_collections.ConfigDict, latent_mean=0.0, latent_std=1.0) -> Mo
               modulation=m.get("modulation", "per_block"), qk_norm=m.get("qk_norm", False),
               text_mlp=m.get("text_mlp", False),
               # adaLN once per (clip, t) of a row, not per token: the same function for ~1/3 fewer FLOPs.
-              cond_slots=slots_for(cfg.max_segments) if m.get("adaln_slots", True) else 0)
+              cond_slots=slots_for(cfg.max_segments) if m.get("adaln_slots", True) else 0,
+              # Training clips hold at most data.token_budget tokens: attention skips the blocks none reaches.
+              clip_tokens=int(cfg.data.token_budget) if m.get("local_attention", True) else 0)
     text = build_text_model(m, text_len=cfg.text_len, dtype=dtype, default_path=wan_text_encoder_path(cfg))
     vae_folder = wan_vae_path(cfg)
     if vae_folder:
