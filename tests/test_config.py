@@ -53,6 +53,9 @@ def test_every_shipped_config_loads_and_validates(path):
     ("data.token_budget", 0, "config.data.token_budget: must be an int >= 1 (a clip costs at least one patch"),
     ("data.manifest", None, "config.data.manifest: must be a str"),
     ("model.scan_layers", None, "config.model.scan_layers: must be True or False"),
+    ("model.adaln_slots", None, "config.model.adaln_slots: must be True or False"),
+    ("model.local_attention", None, "config.model.local_attention: must be True or False"),
+    ("data.synthetic_min_frames", 3, "config.data.synthetic_min_frames: must be >= 5, got 3"),
 ])
 def test_bad_values_name_their_key(key, value, message):
     with pytest.raises(config.ConfigError, match=re.escape(message)):

@@ -217,3 +217,12 @@ def test_tfds_source_feeds_the_same_pipeline(tmp_path):
                        max_segments=2)
     batch = next(iter(pipeline.dit_batches(cfg, _fake_encode(cfg))))
     assert prepared.num_examples == 3 and batch["segment_ids"].max() >= 1
+
+
+def test_synthetic_min_frames_sets_the_shortest_video_and_yields_to_max_frames():
+    def durations(**overrides):
+        return pipeline.clip_source(micro_config(**overrides).data, seed=0)[0].durations
+    assert durations(data__max_frames=17, data__synthetic_min_frames=13) == (1, 13, 14, 15, 16, 17)
+    assert durations(data__max_frames=9, data__synthetic_min_frames=5) == (1, 5, 6, 7, 8, 9)
+    # Above max_frames: the longest videos only, not an empty set.
+    assert durations(data__max_frames=9, data__synthetic_min_frames=13) == (1, 9)

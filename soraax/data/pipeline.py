@@ -100,7 +100,7 @@ def clip_source(data_cfg, *, seed: int, split: str = "train"):
     if data_cfg.source == "synthetic":
         # 2..4 frames would crop to one frame still captioned as moving: images are 1 frame, videos >= 5
         # (data.synthetic_min_frames raises that: longer clips carry more of the motion the captions name).
-        first = max(5, int(data_cfg.get("synthetic_min_frames", 5)))
+        first = max(5, min(int(data_cfg.get("synthetic_min_frames", 5)), data_cfg.max_frames))
         durations = (1,) + tuple(range(first, data_cfg.max_frames + 1))
         return SyntheticClips(num_examples=data_cfg.num_examples, seed=seed, split=split,
                               durations=durations), None
