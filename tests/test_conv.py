@@ -1,4 +1,4 @@
-"""The 3D conv as per-tap 2D convs (soraax/conv.py) is the 3D conv: values and gradients, every stride."""
+"""The 3D conv folded into a 2D conv over its time taps (soraax/conv.py) is the 3D conv: values, gradients, strides."""
 
 import jax
 import jax.numpy as jnp
