@@ -31,6 +31,7 @@ from jax import lax
 from jax.experimental.pallas.ops.tpu import splash_attention as splash
 
 from soraax import local_attention
+from soraax.masked_softmax import masked_probs, pad_length, safe_max, segment_mask
 
 IMPLS = ("xla", "chunked", "splash", "cudnn")
 
@@ -39,14 +40,16 @@ _SPLASH_LANES = 128
 
 
 def attention(q, k, v, q_segment_ids, kv_segment_ids, *, impl: str = "xla", block_q: int = 512,
-              block_kv: int = 512, local_max_len: int = 0):
+              block_kv: int = 512, local_max_len: int = 0, local_fits=None):
     """q [B, Q, H, D], k/v [B, K, H, D], segment ids int [B, Q] / [B, K] (0 = padding) -> [B, Q, H, D].
 
     `block_q` / `block_kv` tile the `chunked` and `splash` backends (clamped to the sequence lengths, which
     need not be multiples of them); `xla` and `cudnn` ignore them. `local_max_len` > 0 (self-attention over
     packed rows of clips of at most that many tokens) lets `xla` and `chunked` compute only the key blocks
     within a clip's reach (soraax/local_attention.py), falling back to the whole row (chunked) for a batch
-    whose clips are longer or not contiguous: the same function either way.
+    whose clips are longer or not contiguous: the same function either way. `local_fits`, when given, is
+    that check done once by the caller for every layer (`local_attention.fits(ids, local_max_len)` with
+    q_segment_ids == kv_segment_ids); by default each call makes it.
     """
     _check_inputs(q, k, v, q_segment_ids, kv_segment_ids)
     if local_max_len and impl in ("xla", "chunked") and q.shape[1] == k.shape[1]:
@@ -62,7 +65,10 @@ def attention(q, k, v, q_segment_ids, kv_segment_ids, *, impl: str = "xla", bloc
                 del kv_ids  # equal to q_ids on this branch
                 return local_attention.local_attention(q, k, v, q_ids, block=blocking[0], reach=blocking[1])
 
-            usable = local_attention.fits(q_segment_ids, local_max_len) & jnp.all(q_segment_ids == kv_segment_ids)
+            usable = local_fits
+            if usable is None:
+                usable = (local_attention.fits(q_segment_ids, local_max_len)
+                          & jnp.all(q_segment_ids == kv_segment_ids))
             return lax.cond(usable, local, whole_row, q, k, v, q_segment_ids, kv_segment_ids)
     if impl == "xla":
         return _xla_attention(q, k, v, q_segment_ids, kv_segment_ids)
@@ -99,23 +105,15 @@ def _require_backend(impl: str, platforms: tuple[str, ...], what: str) -> None:
                            "Use impl='xla' (short rows) or impl='chunked' (long rows) on this platform.")
 
 
-def _segment_mask(q_segment_ids_BxQ, kv_segment_ids_BxK):
-    """bool [B, Q, K]: query and key share a nonzero segment id."""
-    q_ids_BxQx1 = q_segment_ids_BxQ[:, :, None]
-    return (q_ids_BxQx1 == kv_segment_ids_BxK[:, None, :]) & (q_ids_BxQx1 != 0)
+def _logits(q_BxHxQxD, k_BxHxKxD):
+    """float32 [B, H, Q, K] scaled logits."""
+    scale = 1.0 / math.sqrt(q_BxHxQxD.shape[-1])
+    return jnp.einsum("bhqd,bhkd->bhqk", q_BxHxQxD, k_BxHxKxD, preferred_element_type=jnp.float32) * scale
 
 
 def _masked_logits(q_BxHxQxD, k_BxHxKxD, mask_BxQxK):
-    """float32 [B, H, Q, K] scaled logits, -inf where the mask forbids."""
-    scale = 1.0 / math.sqrt(q_BxHxQxD.shape[-1])
-    logits_BxHxQxK = jnp.einsum("bhqd,bhkd->bhqk", q_BxHxQxD, k_BxHxKxD,
-                                preferred_element_type=jnp.float32) * scale
-    return jnp.where(mask_BxQxK[:, None], logits_BxHxQxK, -jnp.inf)
-
-
-def _safe_max(logits_max):
-    # A row with no allowed key has max -inf; subtracting 0 instead keeps exp(-inf - 0) = 0, not NaN.
-    return jnp.where(jnp.isfinite(logits_max), logits_max, 0.0)
+    """float32 [B, H, Q, K] scaled logits, -inf where the mask forbids (the flash blocks' online softmax)."""
+    return jnp.where(mask_BxQxK[:, None], _logits(q_BxHxQxD, k_BxHxKxD), -jnp.inf)
 
 
 # ---------------------------------------------------------------------------------------------- xla
@@ -123,14 +121,8 @@ def _safe_max(logits_max):
 
 def _xla_attention(q_BxQxHxD, k_BxKxHxD, v_BxKxHxD, q_segment_ids_BxQ, kv_segment_ids_BxK):
     q_BxHxQxD, k_BxHxKxD, v_BxHxKxD = (x.transpose(0, 2, 1, 3) for x in (q_BxQxHxD, k_BxKxHxD, v_BxKxHxD))
-    mask_BxQxK = _segment_mask(q_segment_ids_BxQ, kv_segment_ids_BxK)
-    logits_BxHxQxK = _masked_logits(q_BxHxQxD, k_BxHxKxD, mask_BxQxK)
-    # The max only conditions the exponent; softmax is invariant to it, so it carries no gradient (and the
-    # gradient of a max over an all -inf row would be NaN).
-    max_BxHxQx1 = _safe_max(lax.stop_gradient(logits_BxHxQxK.max(axis=-1, keepdims=True)))
-    p_BxHxQxK = jnp.exp(logits_BxHxQxK - max_BxHxQx1)
-    denom_BxHxQx1 = p_BxHxQxK.sum(axis=-1, keepdims=True)
-    probs_BxHxQxK = p_BxHxQxK / jnp.where(denom_BxHxQx1 > 0, denom_BxHxQx1, 1.0)
+    mask_BxQxK = segment_mask(q_segment_ids_BxQ, kv_segment_ids_BxK)
+    probs_BxHxQxK = masked_probs(_logits(q_BxHxQxD, k_BxHxKxD), mask_BxQxK[:, None])
     out_BxQxHxD = jnp.einsum("bhqk,bhkd->bqhd", probs_BxHxQxK.astype(v_BxHxKxD.dtype), v_BxHxKxD,
                              preferred_element_type=jnp.float32)
     return out_BxQxHxD.astype(q_BxQxHxD.dtype)
@@ -141,13 +133,6 @@ def _xla_attention(q_BxQxHxD, k_BxKxHxD, v_BxKxHxD, q_segment_ids_BxQ, kv_segmen
 
 def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
-
-
-def _pad_length(x, length: int):
-    """Zero-pads axis 1 (the sequence) to `length`; zero segment ids make the padding invisible."""
-    pad = [(0, 0)] * x.ndim
-    pad[1] = (0, length - x.shape[1])
-    return jnp.pad(x, pad)
 
 
 def _to_blocks(x_BxSxHxD, block: int):
@@ -175,11 +160,11 @@ def _chunked_attention(q_BxQxHxD, k_BxKxHxD, v_BxKxHxD, q_segment_ids_BxQ, kv_se
     bq, bk = min(block_q, q_len), min(block_kv, kv_len)
     q_pad, kv_pad = _round_up(q_len, bq), _round_up(kv_len, bk)
     out_NqxBxHxBqxD = _flash(
-        _to_blocks(_pad_length(q_BxQxHxD, q_pad), bq),
-        _to_blocks(_pad_length(k_BxKxHxD, kv_pad), bk),
-        _to_blocks(_pad_length(v_BxKxHxD, kv_pad), bk),
-        _ids_to_blocks(_pad_length(q_segment_ids_BxQ, q_pad), bq),
-        _ids_to_blocks(_pad_length(kv_segment_ids_BxK, kv_pad), bk))
+        _to_blocks(pad_length(q_BxQxHxD, q_pad), bq),
+        _to_blocks(pad_length(k_BxKxHxD, kv_pad), bk),
+        _to_blocks(pad_length(v_BxKxHxD, kv_pad), bk),
+        _ids_to_blocks(pad_length(q_segment_ids_BxQ, q_pad), bq),
+        _ids_to_blocks(pad_length(kv_segment_ids_BxK, kv_pad), bk))
     return _from_blocks(out_NqxBxHxBqxD)[:, :q_len]
 
 
@@ -192,9 +177,9 @@ def _flash_forward(q_blocks, k_blocks, v_blocks, q_id_blocks, kv_id_blocks):
         def absorb_key_block(carry, kv_block):
             max_BxHxBq, denom_BxHxBq, acc_BxHxBqxD = carry
             k_BxHxBkxD, v_BxHxBkxD, kv_ids_BxBk = kv_block
-            logits_BxHxBqxBk = _masked_logits(q_BxHxBqxD, k_BxHxBkxD, _segment_mask(q_ids_BxBq, kv_ids_BxBk))
+            logits_BxHxBqxBk = _masked_logits(q_BxHxBqxD, k_BxHxBkxD, segment_mask(q_ids_BxBq, kv_ids_BxBk))
             new_max_BxHxBq = jnp.maximum(max_BxHxBq, logits_BxHxBqxBk.max(axis=-1))
-            safe_max_BxHxBq = _safe_max(new_max_BxHxBq)
+            safe_max_BxHxBq = safe_max(new_max_BxHxBq)
             p_BxHxBqxBk = jnp.exp(logits_BxHxBqxBk - safe_max_BxHxBq[..., None])
             rescale_BxHxBq = jnp.exp(max_BxHxBq - safe_max_BxHxBq)
             denom_BxHxBq = denom_BxHxBq * rescale_BxHxBq + p_BxHxBqxBk.sum(axis=-1)
@@ -211,7 +196,7 @@ def _flash_forward(q_blocks, k_blocks, v_blocks, q_id_blocks, kv_id_blocks):
         has_key_BxHxBq = denom_BxHxBq > 0
         safe_denom_BxHxBq = jnp.where(has_key_BxHxBq, denom_BxHxBq, 1.0)
         out_BxHxBqxD = (acc_BxHxBqxD / safe_denom_BxHxBq[..., None]).astype(q_BxHxBqxD.dtype)
-        logsumexp_BxHxBq = jnp.where(has_key_BxHxBq, _safe_max(max_BxHxBq) + jnp.log(safe_denom_BxHxBq), 0.0)
+        logsumexp_BxHxBq = jnp.where(has_key_BxHxBq, safe_max(max_BxHxBq) + jnp.log(safe_denom_BxHxBq), 0.0)
         return out_BxHxBqxD, logsumexp_BxHxBq
 
     # Query blocks run one after another (lax.map), so live memory is one block pair, not Q x Bk.
@@ -245,7 +230,7 @@ def _flash_bwd(residuals, dout_blocks):
         def visit_query_block(carry, q_block):
             dk_BxHxBkxD, dv_BxHxBkxD = carry
             q_BxHxBqxD, q_ids_BxBq, dout_BxHxBqxD, logsumexp_BxHxBq, delta_BxHxBq = q_block
-            logits_BxHxBqxBk = _masked_logits(q_BxHxBqxD, k_BxHxBkxD, _segment_mask(q_ids_BxBq, kv_ids_BxBk))
+            logits_BxHxBqxBk = _masked_logits(q_BxHxBqxD, k_BxHxBkxD, segment_mask(q_ids_BxBq, kv_ids_BxBk))
             p_BxHxBqxBk = jnp.exp(logits_BxHxBqxBk - logsumexp_BxHxBq[..., None])
             dv_BxHxBkxD = dv_BxHxBkxD + jnp.einsum("bhqk,bhqd->bhkd", p_BxHxBqxBk, dout_BxHxBqxD)
             dp_BxHxBqxBk = jnp.einsum("bhqd,bhkd->bhqk", dout_BxHxBqxD, v_BxHxBkxD)
@@ -306,11 +291,11 @@ def _splash_attention(q_BxQxHxD, k_BxKxHxD, v_BxKxHxD, q_segment_ids_BxQ, kv_seg
 
     # Splash applies no scale of its own.
     scale = 1.0 / math.sqrt(q_BxQxHxD.shape[-1])
-    q_BxHxQxD = _pad_length(q_BxQxHxD * jnp.asarray(scale, q_BxQxHxD.dtype), q_pad).transpose(0, 2, 1, 3)
-    k_BxHxKxD = _pad_length(k_BxKxHxD, kv_pad).transpose(0, 2, 1, 3)
-    v_BxHxKxD = _pad_length(v_BxKxHxD, kv_pad).transpose(0, 2, 1, 3)
-    q_ids_BxQ = _pad_length(q_segment_ids_BxQ.astype(jnp.int32), q_pad)
-    kv_ids_BxK = _pad_length(kv_segment_ids_BxK.astype(jnp.int32), kv_pad)
+    q_BxHxQxD = pad_length(q_BxQxHxD * jnp.asarray(scale, q_BxQxHxD.dtype), q_pad).transpose(0, 2, 1, 3)
+    k_BxHxKxD = pad_length(k_BxKxHxD, kv_pad).transpose(0, 2, 1, 3)
+    v_BxHxKxD = pad_length(v_BxKxHxD, kv_pad).transpose(0, 2, 1, 3)
+    q_ids_BxQ = pad_length(q_segment_ids_BxQ.astype(jnp.int32), q_pad)
+    kv_ids_BxK = pad_length(kv_segment_ids_BxK.astype(jnp.int32), kv_pad)
 
     def one_row(q_HxQxD, k_HxKxD, v_HxKxD, q_ids_Q, kv_ids_K):
         return kernel(q_HxQxD, k_HxKxD, v_HxKxD, segment_ids=splash.SegmentIds(q=q_ids_Q, kv=kv_ids_K))
@@ -327,7 +312,7 @@ def _splash_attention(q_BxQxHxD, k_BxKxHxD, v_BxKxHxD, q_segment_ids_BxQ, kv_seg
 
 
 def _cudnn_attention(q_BxQxHxD, k_BxKxHxD, v_BxKxHxD, q_segment_ids_BxQ, kv_segment_ids_BxK):
-    mask_BxQxK = _segment_mask(q_segment_ids_BxQ, kv_segment_ids_BxK)
+    mask_BxQxK = segment_mask(q_segment_ids_BxQ, kv_segment_ids_BxK)
     has_key_BxQ = mask_BxQxK.any(axis=-1)
     # What cuDNN returns for a row with no allowed key is not specified (NaN would poison the backward
     # through dO.O); such rows attend everywhere instead and are zeroed below.

@@ -40,6 +40,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from soraax import local_attention
 from soraax.cond_slots import at_slots, conditioning_slots, gather_slots
 from soraax.layers import Mlp, MultiHeadAttention
 
@@ -168,8 +169,10 @@ class DiTBlock(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x_BxSxD, c_BxSxD, angles, segment_ids, text_BxLxD, text_segment_ids, slot_BxS=None):
-        """`c` is per token [B, S, .], or per slot [B, M, .] with `slot_BxS` naming each token's slot."""
+    def __call__(self, x_BxSxD, c_BxSxD, angles, segment_ids, text_BxLxD, text_segment_ids, slot_BxS=None,
+                 local_fits=None):
+        """`c` is per token [B, S, .], or per slot [B, M, .] with `slot_BxS` naming each token's slot.
+        `local_fits`: the DiT's one check that the rows suit local self-attention (attention.attention)."""
         width = x_BxSxD.shape[-1]
         to_tokens = (lambda v: v) if slot_BxS is None else (lambda v: gather_slots(v, slot_BxS))
         if self.shared_modulation:
@@ -185,7 +188,8 @@ class DiTBlock(nn.Module):
         h = modulate(_layer_norm("norm1", self.dtype)(x_BxSxD), shift_sa, scale_sa)
         h = MultiHeadAttention(self.heads, self.attn_impl, self.dtype, qk_norm=self.qk_norm,
                                local_max_len=self.clip_tokens, name="self_attn")(
-            h, h, segment_ids, segment_ids, rotate=functools.partial(apply_rope, angles_BxSxK2=angles))
+            h, h, segment_ids, segment_ids, rotate=functools.partial(apply_rope, angles_BxSxK2=angles),
+            local_fits=local_fits)
         x_BxSxD = x_BxSxD + gate_sa * h
 
         if self.cross_attn:
@@ -315,7 +319,12 @@ class DiT(nn.Module):
         block_kwargs = dict(heads=self.heads, mlp_ratio=self.mlp_ratio, mlp_dim=self.mlp_dim,
                             cross_attn=self.cross_attn, qk_norm=self.qk_norm, shared_modulation=shared,
                             attn_impl=self.attn_impl, clip_tokens=self.clip_tokens, dtype=self.dtype)
-        args = (block_c_BxSxD, angles, segment_ids_BxS, text_BxLxD, text_segment_ids_BxL, slot_BxS)
+        local_fits = None
+        if (self.clip_tokens and self.attn_impl in ("xla", "chunked")
+                and local_attention.plan(segment_ids_BxS.shape[1], self.clip_tokens) is not None):
+            # Once, not per layer inside the scan: a sort and two scatters a row, and every layer's ids are the same.
+            local_fits = local_attention.fits(segment_ids_BxS, self.clip_tokens)
+        args = (block_c_BxSxD, angles, segment_ids_BxS, text_BxLxD, text_segment_ids_BxL, slot_BxS, local_fits)
         if self.scan_layers:
             x_BxSxD, _ = nn.scan(
                 block, variable_axes={"params": 0}, split_rngs={"params": True},

@@ -42,7 +42,7 @@ class MultiHeadAttention(nn.Module):
 
     @nn.compact
     def __call__(self, x_BxSxD, kv_BxLxD, q_segment_ids, kv_segment_ids,
-                 rotate: Callable[[jax.Array], jax.Array] | None = None):
+                 rotate: Callable[[jax.Array], jax.Array] | None = None, local_fits=None):
         width = x_BxSxD.shape[-1]
         if width % self.heads:
             raise ValueError(f"attention width {width} is not divisible by heads={self.heads}")
@@ -63,7 +63,7 @@ class MultiHeadAttention(nn.Module):
             q_BxSxHxK, k_BxLxHxK = rotate(q_BxSxHxK), rotate(k_BxLxHxK)
         q_BxSxHxK = nn.with_logical_constraint(q_BxSxHxK, (batch, length, "heads", "kv"))
         out_BxSxHxK = attention(q_BxSxHxK, k_BxLxHxK, v_BxLxHxK, q_segment_ids, kv_segment_ids,
-                                impl=self.attn_impl, local_max_len=self.local_max_len)
+                                impl=self.attn_impl, local_max_len=self.local_max_len, local_fits=local_fits)
         out_BxSxD = _dense(width, ("heads", "embed"), "embed", self.dtype, "out")(
             out_BxSxHxK.reshape(*out_BxSxHxK.shape[:-2], width))
         return nn.with_logical_constraint(out_BxSxD, self.activation_axes)

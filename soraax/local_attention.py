@@ -18,10 +18,12 @@ Dimension key: B batch, S length, H heads, D head dim, N blocks, Q block length,
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax.numpy as jnp
-from jax import lax
+
+from soraax.masked_softmax import masked_probs, pad_length, segment_mask
 
 
 def plan(seq_len: int, max_len: int) -> tuple[int, int] | None:
@@ -75,12 +77,7 @@ def local_attention(q_BxSxHxD, k_BxSxHxD, v_BxSxHxD, segment_ids_BxS, *, block: 
     b, s, h, d = q_BxSxHxD.shape
     n = -(-s // block)
     length = n * block
-
-    def pad(x):
-        widths = [(0, 0)] * x.ndim
-        widths[1] = (0, length - s)
-        return jnp.pad(x, widths)
-
+    pad = functools.partial(pad_length, length=length)
     q_BxNxQxHxD = _blocks(pad(q_BxSxHxD), n, block)
     ids = pad(segment_ids_BxS)
     q_ids_BxNxQ = _blocks(ids, n, block)
@@ -90,14 +87,7 @@ def local_attention(q_BxSxHxD, k_BxSxHxD, v_BxSxHxD, segment_ids_BxS, *, block: 
     scale = 1.0 / math.sqrt(d)
     logits = jnp.einsum("bnqhd,bnkhd->bnhqk", q_BxNxQxHxD, k_BxNxWxHxD,
                         preferred_element_type=jnp.float32) * scale
-    mask_BxNxQxW = (q_ids_BxNxQ[..., None] == kv_ids_BxNxW[:, :, None, :]) & (q_ids_BxNxQ[..., None] != 0)
-    logits = jnp.where(mask_BxNxQxW[:, :, None], logits, -jnp.inf)
-    # As the dense backend: the max carries no gradient, rows with no key give exactly 0.
-    row_max = lax.stop_gradient(logits.max(axis=-1, keepdims=True))
-    row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
-    p = jnp.exp(logits - row_max)
-    denom = p.sum(axis=-1, keepdims=True)
-    probs = p / jnp.where(denom > 0, denom, 1.0)
+    probs = masked_probs(logits, segment_mask(q_ids_BxNxQ, kv_ids_BxNxW)[:, :, None])
     out_BxNxQxHxD = jnp.einsum("bnhqk,bnkhd->bnqhd", probs.astype(v_BxNxWxHxD.dtype), v_BxNxWxHxD,
                                preferred_element_type=jnp.float32)
     return out_BxNxQxHxD.reshape(b, length, h, d)[:, :s].astype(q_BxSxHxD.dtype)

@@ -101,5 +101,12 @@ def test_dit_with_clip_tokens_is_the_same_dit():
     base = dict(patch_dim=4, width=16, depth=2, heads=2, mlp_ratio=2.0)
     whole, local = dit.DiT(**base), dit.DiT(**base, clip_tokens=6)
     params = perturb(nn.meta.unbox(whole.init(jax.random.PRNGKey(0), **row))["params"], jax.random.PRNGKey(1), 0.2)
-    np.testing.assert_allclose(local.apply({"params": params}, **row), whole.apply({"params": params}, **row),
+    apply_local, apply_whole = jax.jit(local.apply), jax.jit(whole.apply)
+    np.testing.assert_allclose(apply_local({"params": params}, **row), apply_whole({"params": params}, **row),
+                               atol=1e-5)
+    # Clips longer than clip_tokens: the DiT's one fits check sends every layer down the whole-row path.
+    long_ids = _packed_ids([20, 10, 12], seq_len, batch=2)
+    assert not bool(local_attention.fits(long_ids, 6))
+    row.update(segment_ids_BxS=long_ids, t_BxS=jnp.where(long_ids > 0, 0.1 * long_ids, 0.0))
+    np.testing.assert_allclose(apply_local({"params": params}, **row), apply_whole({"params": params}, **row),
                                atol=1e-5)
