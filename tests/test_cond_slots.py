@@ -64,13 +64,14 @@ def test_slot_dit_equals_per_token_dit_with_its_gradients(kw):
         row = dict(row, lowres_BxSxQ=jax.random.normal(jax.random.PRNGKey(2), (*seg.shape, 4)),
                    aug_BxS=jnp.where(seg > 0, 0.1 * seg, 0.7))   # per clip, arbitrary on padding
     per_token, slotted = _pair(**kw)
-    params = perturb(nn.meta.unbox(per_token.init(jax.random.PRNGKey(3), **row))["params"],
+    params = perturb(nn.meta.unbox(jax.jit(per_token.init)(jax.random.PRNGKey(3), **row))["params"],
                      jax.random.PRNGKey(4), 0.2)
     assert jax.tree.structure(params) == jax.tree.structure(
-        nn.meta.unbox(slotted.init(jax.random.PRNGKey(3), **row))["params"])
-    out = per_token.apply({"params": params}, **row)
+        nn.meta.unbox(jax.eval_shape(slotted.init, jax.random.PRNGKey(3), **row))["params"])
+    out = jax.jit(per_token.apply)({"params": params}, **row)
     scale = float(jnp.abs(out).max())
-    np.testing.assert_allclose(slotted.apply({"params": params}, **row), out, rtol=1e-5, atol=1e-5 * scale)
+    np.testing.assert_allclose(jax.jit(slotted.apply)({"params": params}, **row), out,
+                               rtol=1e-5, atol=1e-5 * scale)
     assert float(jnp.abs(out).mean()) > 1e-2   # the comparison saw a live model
 
     # In float64 the two are the same function to rounding: per slot is a regrouping of the same sums
@@ -79,13 +80,16 @@ def test_slot_dit_equals_per_token_dit_with_its_gradients(kw):
         per_token, slotted = _pair(**kw, dtype=jnp.float64)
         row64, params64 = _f64(row), _f64(params)
 
-        np.testing.assert_allclose(slotted.apply({"params": params64}, **row64),
-                                   per_token.apply({"params": params64}, **row64), rtol=1e-10, atol=1e-10)
-
-        def loss(model):
-            return lambda p: jnp.sum(jnp.sin(model.apply({"params": p}, **row64)))
-        for got, want in zip(jax.tree.leaves(jax.grad(loss(slotted))(params64)),
-                             jax.tree.leaves(jax.grad(loss(per_token))(params64))):
+        def value_and_grad(model):
+            # One compile for the output and its gradient (eager, the op-by-op compiles cost far more).
+            def f(p):
+                out = model.apply({"params": p}, **row64)
+                return jnp.sum(jnp.sin(out)), out
+            return jax.jit(jax.value_and_grad(f, has_aux=True))(params64)
+        (_, got_out), got_grad = value_and_grad(slotted)
+        (_, want_out), want_grad = value_and_grad(per_token)
+        np.testing.assert_allclose(got_out, want_out, rtol=1e-10, atol=1e-10)
+        for got, want in zip(jax.tree.leaves(got_grad), jax.tree.leaves(want_grad)):
             np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-9)
 
 
@@ -98,9 +102,10 @@ def test_a_row_with_more_keys_than_slots_is_nan_and_the_others_are_not():
     seg[1, :20] = np.repeat([1, 2, 3, 4], 5)  # row 1: four clips + padding = 5 keys: does not
     t = np.where(seg > 0, 0.1 * seg + 0.05, 0.3).astype(np.float32)
     row = dict(row, segment_ids_BxS=jnp.asarray(seg), t_BxS=jnp.asarray(t))
-    params = perturb(nn.meta.unbox(per_token.init(jax.random.PRNGKey(6), **row))["params"], jax.random.PRNGKey(7), 0.2)
-    out = np.asarray(few.apply({"params": params}, **row))
-    np.testing.assert_allclose(out[0], np.asarray(per_token.apply({"params": params}, **row))[0], atol=1e-5)
+    params = perturb(nn.meta.unbox(jax.jit(per_token.init)(jax.random.PRNGKey(6), **row))["params"], jax.random.PRNGKey(7), 0.2)
+    out = np.asarray(jax.jit(few.apply)({"params": params}, **row))
+    np.testing.assert_allclose(out[0], np.asarray(jax.jit(per_token.apply)({"params": params}, **row))[0],
+                               atol=1e-5)
     assert np.isnan(out[1, :20]).all() and (out[1, 20:] == 0).all()
 
 

@@ -55,18 +55,18 @@ def setup():
              _clip(keys[2], (2, 4, 1), 7, 0.05)]  # a tall, thin clip
     model = _model(pooled_text=True)  # covers both text paths: cross-attention and pooled adaLN
     row = _row(clips, seq_len=48, text_len=20)
-    params = perturb(nn.meta.unbox(model.init(keys[3], **row)), keys[3], 0.2)
+    params = perturb(nn.meta.unbox(jax.jit(model.init)(keys[3], **row)), keys[3], 0.2)
     return model, params, clips
 
 
 def _alone(model, params, clip):
     n, l = clip["tokens"].shape[0], clip["text"].shape[0]
-    return model.apply(params, **_row([clip], n, l))[0]
+    return jax.jit(model.apply)(params, **_row([clip], n, l))[0]
 
 
 def test_packing_is_exact(setup):
     model, params, clips = setup
-    packed = model.apply(params, **_row(clips, 48, 20))[0]
+    packed = jax.jit(model.apply)(params, **_row(clips, 48, 20))[0]
     start = 0
     for clip in clips:
         n = clip["tokens"].shape[0]
@@ -83,7 +83,7 @@ def test_padding_and_other_clips_change_nothing(setup):
         out = model.apply(params, **{**row, "tokens_BxSxP": tokens})
         return jnp.sum(out[0, :24] ** 2)
 
-    grad = jax.grad(loss_of_first_clip)(row["tokens_BxSxP"])
+    grad = jax.jit(jax.grad(loss_of_first_clip))(row["tokens_BxSxP"])
     assert float(jnp.abs(grad[0, :24]).max()) > 0
     np.testing.assert_array_equal(grad[0, 24:], 0.0)  # other clips and padding get exactly no gradient
 
@@ -101,22 +101,23 @@ def test_pooled_text_reaches_the_output(setup):
     row = _row(clips[:1], 24, 5)
     # A caption whose tokens all move by the same vector changes its mean, hence the adaLN conditioning.
     shifted = {**row, "text_BxLxT": row["text_BxLxT"] + 1.0}
-    assert not np.allclose(model.apply(params, **row), model.apply(params, **shifted), atol=1e-4)
+    apply = jax.jit(model.apply)
+    assert not np.allclose(apply(params, **row), apply(params, **shifted), atol=1e-4)
 
 
 def test_chunked_attention_matches_xla(setup):
     model, params, clips = setup
     row = _row(clips, 48, 20)
     chunked = model.clone(attn_impl="chunked")
-    np.testing.assert_allclose(chunked.apply(params, **row), model.apply(params, **row), atol=1e-5)
+    np.testing.assert_allclose(jax.jit(chunked.apply)(params, **row), jax.jit(model.apply)(params, **row), atol=1e-5)
 
 
 def test_remat_and_unrolled_layers_give_the_same_function(setup):
     model, params, clips = setup
     row = _row(clips, 48, 20)
-    want, want_grad = jax.value_and_grad(lambda p: jnp.sum(model.apply(p, **row) ** 2))(params)
+    want, want_grad = jax.jit(jax.value_and_grad(lambda p: jnp.sum(model.apply(p, **row) ** 2)))(params)
     remat = model.clone(remat_policy="full")
-    got, got_grad = jax.value_and_grad(lambda p: jnp.sum(remat.apply(p, **row) ** 2))(params)
+    got, got_grad = jax.jit(jax.value_and_grad(lambda p: jnp.sum(remat.apply(p, **row) ** 2)))(params)
     np.testing.assert_allclose(got, want, rtol=1e-5)
     # Remat recomputes the forward in another order: equal up to float32 rounding at the gradient's scale
     # (some leaves, e.g. key biases, have a true gradient of 0 and hold only rounding noise).
@@ -139,7 +140,7 @@ def test_rope_makes_positions_relative(setup):
 def test_zero_init_outputs_zero_velocity():
     row = _row([_clip(jax.random.PRNGKey(1), (1, 2, 2), 2, 0.5)], 6, 3)
     model = _model()
-    out = model.apply(model.init(jax.random.PRNGKey(0), **row), **row)
+    out = jax.jit(model.apply)(jax.jit(model.init)(jax.random.PRNGKey(0), **row), **row)
     np.testing.assert_array_equal(out, 0.0)
 
 
@@ -177,7 +178,7 @@ def test_tiny_dit_overfits_one_packed_batch(setup):
     row = _row(clips, 48, 20)
     target = jax.random.normal(jax.random.PRNGKey(5), row["tokens_BxSxP"].shape)
     real = (row["segment_ids_BxS"] > 0)[..., None]
-    params = nn.meta.unbox(model.init(jax.random.PRNGKey(0), **row))
+    params = nn.meta.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), **row))
     opt = optax.adam(3e-3)
     opt_state = opt.init(params)
 
@@ -190,7 +191,7 @@ def test_tiny_dit_overfits_one_packed_batch(setup):
         updates, s = opt.update(g, s)
         return optax.apply_updates(p, updates), s, loss
 
-    first = float(loss_fn(params))
+    first = float(jax.jit(loss_fn)(params))
     for _ in range(300):
         params, opt_state, loss = step(params, opt_state)
     assert float(loss) < first / 10

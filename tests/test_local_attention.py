@@ -1,4 +1,6 @@
 """Self-attention over only the blocks a clip reaches is the whole-row attention, with its gradients."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -57,20 +59,21 @@ def test_local_equals_whole_row_values_and_gradients(impl):
     assert local_attention.plan(seq_len, max_len) is not None and bool(local_attention.fits(ids, max_len))
 
     def run(local_max_len):
-        return lambda q, k, v: attention.attention(q, k, v, ids, ids, impl=impl, block_q=32, block_kv=32,
-                                                   local_max_len=local_max_len)
+        return jax.jit(lambda q, k, v: attention.attention(q, k, v, ids, ids, impl=impl, block_q=32,
+                                                           block_kv=32, local_max_len=local_max_len))
     np.testing.assert_allclose(run(max_len)(q, k, v), run(0)(q, k, v), atol=2e-6)
     # The local kernel alone (not the fallback) is the whole-row function.
     block, reach = local_attention.plan(seq_len, max_len)
-    np.testing.assert_allclose(local_attention.local_attention(q, k, v, ids, block=block, reach=reach),
+    local = jax.jit(functools.partial(local_attention.local_attention, block=block, reach=reach))
+    np.testing.assert_allclose(local(q, k, v, ids),
                                run(0)(q, k, v), atol=2e-6)
     padding = np.asarray(ids) == 0
     assert (np.asarray(run(max_len)(q, k, v))[padding] == 0).all()
 
     def loss(f):
         return lambda q, k, v: jnp.sum(jnp.sin(f(q, k, v)))
-    for got, want in zip(jax.grad(loss(run(max_len)), (0, 1, 2))(q, k, v),
-                         jax.grad(loss(run(0)), (0, 1, 2))(q, k, v)):
+    for got, want in zip(jax.jit(jax.grad(loss(run(max_len)), (0, 1, 2)))(q, k, v),
+                         jax.jit(jax.grad(loss(run(0)), (0, 1, 2)))(q, k, v)):
         np.testing.assert_allclose(got, want, atol=2e-5)
 
 
@@ -100,7 +103,7 @@ def test_dit_with_clip_tokens_is_the_same_dit():
                text_segment_ids_BxL=jnp.asarray(np.repeat([[1, 2, 3, 4, 5, 0, 0, 0]], 2, 0), jnp.int32))
     base = dict(patch_dim=4, width=16, depth=2, heads=2, mlp_ratio=2.0)
     whole, local = dit.DiT(**base), dit.DiT(**base, clip_tokens=6)
-    params = perturb(nn.meta.unbox(whole.init(jax.random.PRNGKey(0), **row))["params"], jax.random.PRNGKey(1), 0.2)
+    params = perturb(nn.meta.unbox(jax.jit(whole.init)(jax.random.PRNGKey(0), **row))["params"], jax.random.PRNGKey(1), 0.2)
     apply_local, apply_whole = jax.jit(local.apply), jax.jit(whole.apply)
     np.testing.assert_allclose(apply_local({"params": params}, **row), apply_whole({"params": params}, **row),
                                atol=1e-5)
