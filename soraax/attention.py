@@ -52,24 +52,23 @@ def attention(q, k, v, q_segment_ids, kv_segment_ids, *, impl: str = "xla", bloc
     q_segment_ids == kv_segment_ids); by default each call makes it.
     """
     _check_inputs(q, k, v, q_segment_ids, kv_segment_ids)
-    if local_max_len and impl in ("xla", "chunked") and q.shape[1] == k.shape[1]:
-        blocking = local_attention.plan(q.shape[1], local_max_len)
-        if blocking is not None:
-            def whole_row(q, k, v, q_ids, kv_ids):
-                # chunked whatever `impl`: under grad, lax.cond saves the residuals of BOTH branches (zeros for
-                # the one not taken), and xla's are the [B, H, S, S] probabilities, which cost more to fill
-                # than the local window saves (measured: step 0.53 s with the xla fallback, 0.40 s with this).
-                return attention(q, k, v, q_ids, kv_ids, impl="chunked", block_q=block_q, block_kv=block_kv)
+    blocking = local_attention.applies(impl, q.shape[1], k.shape[1], local_max_len)
+    if blocking is not None:
+        def whole_row(q, k, v, q_ids, kv_ids):
+            # chunked whatever `impl`: under grad, lax.cond saves the residuals of BOTH branches (zeros for
+            # the one not taken), and xla's are the [B, H, S, S] probabilities, which cost more to fill
+            # than the local window saves (measured: step 0.53 s with the xla fallback, 0.40 s with this).
+            return attention(q, k, v, q_ids, kv_ids, impl="chunked", block_q=block_q, block_kv=block_kv)
 
-            def local(q, k, v, q_ids, kv_ids):
-                del kv_ids  # equal to q_ids on this branch
-                return local_attention.local_attention(q, k, v, q_ids, block=blocking[0], reach=blocking[1])
+        def local(q, k, v, q_ids, kv_ids):
+            del kv_ids  # equal to q_ids on this branch
+            return local_attention.local_attention(q, k, v, q_ids, block=blocking[0], reach=blocking[1])
 
-            usable = local_fits
-            if usable is None:
-                usable = (local_attention.fits(q_segment_ids, local_max_len)
-                          & jnp.all(q_segment_ids == kv_segment_ids))
-            return lax.cond(usable, local, whole_row, q, k, v, q_segment_ids, kv_segment_ids)
+        usable = local_fits
+        if usable is None:
+            usable = (local_attention.fits(q_segment_ids, local_max_len)
+                      & jnp.all(q_segment_ids == kv_segment_ids))
+        return lax.cond(usable, local, whole_row, q, k, v, q_segment_ids, kv_segment_ids)
     if impl == "xla":
         return _xla_attention(q, k, v, q_segment_ids, kv_segment_ids)
     if impl == "chunked":

@@ -320,8 +320,8 @@ class DiT(nn.Module):
                             cross_attn=self.cross_attn, qk_norm=self.qk_norm, shared_modulation=shared,
                             attn_impl=self.attn_impl, clip_tokens=self.clip_tokens, dtype=self.dtype)
         local_fits = None
-        if (self.clip_tokens and self.attn_impl in ("xla", "chunked")
-                and local_attention.plan(segment_ids_BxS.shape[1], self.clip_tokens) is not None):
+        seq_len = segment_ids_BxS.shape[1]
+        if local_attention.applies(self.attn_impl, seq_len, seq_len, self.clip_tokens) is not None:
             # Once, not per layer inside the scan: a sort and two scatters a row, and every layer's ids are the same.
             local_fits = local_attention.fits(segment_ids_BxS, self.clip_tokens)
         args = (block_c_BxSxD, angles, segment_ids_BxS, text_BxLxD, text_segment_ids_BxL, slot_BxS, local_fits)

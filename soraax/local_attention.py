@@ -39,6 +39,14 @@ def plan(seq_len: int, max_len: int) -> tuple[int, int] | None:
     return block, reach
 
 
+def applies(impl: str, q_len: int, kv_len: int, max_len: int) -> tuple[int, int] | None:
+    """The (block, reach) local self-attention would use for this call, or None where it does not apply:
+    the one gate attention.attention and the DiT (which runs `fits` once for all layers) both ask."""
+    if not max_len or impl not in ("xla", "chunked") or q_len != kv_len:
+        return None
+    return plan(q_len, max_len)
+
+
 def fits(segment_ids_BxS, max_len: int):
     """bool scalar: in every row each nonzero segment is ONE contiguous run of at most `max_len` tokens."""
     b, s = segment_ids_BxS.shape

@@ -40,6 +40,16 @@ def test_plan_reaches_every_key_of_a_clip_and_declines_short_rows():
     assert local_attention.plan(768, 128) == (64, 2)
 
 
+def test_applies_only_to_self_attention_on_the_dense_backends():
+    assert local_attention.applies("xla", 768, 768, 128) == local_attention.plan(768, 128) == (64, 2)
+    assert local_attention.applies("chunked", 768, 768, 128) == (64, 2)
+    assert local_attention.applies("splash", 768, 768, 128) is None     # its own block-sparse mask
+    assert local_attention.applies("cudnn", 768, 768, 128) is None
+    assert local_attention.applies("xla", 768, 77, 128) is None         # cross-attention to text
+    assert local_attention.applies("xla", 768, 768, 0) is None          # clip_tokens unset
+    assert local_attention.applies("xla", 384, 384, 128) is None        # window most of the row
+
+
 def test_fits_accepts_packed_rows_and_rejects_long_or_split_clips():
     assert bool(local_attention.fits(_packed_ids([5, 16, 9, 16, 3], 64), 16))
     assert not bool(local_attention.fits(_packed_ids([17, 3], 64), 16))      # a clip longer than the bound
