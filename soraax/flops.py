@@ -59,11 +59,10 @@ def dit_train_flops(cfg, params, frozen=None, text_module=None) -> dict[str, flo
     # A scanned stack keeps the layer axis in the kernel's shape, so the sizes above already hold all layers.
     forward = 2.0 * rows * (s * video_side + l * text_side + conditioning_rows * conditioning_side)
     keys = s   # keys a query's self-attention computes: the whole row, or the window of model.local_attention
-    if m.get("local_attention", True) and m.attn_impl in ("xla", "chunked"):
-        from soraax.local_attention import plan
-        blocking = plan(s, int(cfg.data.token_budget))
-        if blocking is not None:
-            keys = (2 * blocking[1] + 1) * blocking[0]
+    from soraax.local_attention import applies
+    blocking = applies(m.attn_impl, s, s, int(cfg.data.token_budget) if m.get("local_attention", True) else 0)
+    if blocking is not None:
+        keys = (2 * blocking[1] + 1) * blocking[0]
     forward += 4.0 * rows * m.depth * m.width * (s * keys + s * l)   # self- and cross-attention
     if text_module is None:
         from soraax.models import build
