@@ -49,6 +49,8 @@ def get_config(arg=None):
     c.model.pooled_text = True           # the caption's mean embedding also joins adaLN (SD3)
     c.model.adaln_slots = True           # adaLN per (clip, t) of a row, not per token: same function, fewer FLOPs
     c.model.local_attention = True       # self-attention skips blocks no clip reaches (data.token_budget); exact
+    c.model.clip_position = True         # each token's fractional place in its clip: RoPE alone is relative, and
+                                         # "moving left" (start right, end left) needs to know the edges
 
     c.diffusion = ml_collections.ConfigDict()
     c.diffusion.t_mean = 0.0             # logit-normal timestep sampling (SD3)

@@ -219,6 +219,7 @@ def _validate_types_and_ranges(cfg) -> None:
     _bool(cfg, "model.pooled_text", default=False)
     _bool(cfg, "model.adaln_slots", default=True)
     _bool(cfg, "model.local_attention", default=True)
+    _bool(cfg, "model.clip_position", default=False)
     _int(cfg, "data.synthetic_min_frames", minimum=5, default=5)   # above data.max_frames: max_frames only
     for key in ("data.manifest", "data.tfds_dir", "data.tfds_name", "vae.checkpoint"):
         _text(cfg, key)

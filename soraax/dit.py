@@ -5,7 +5,9 @@ What differs from an image DiT, and why:
     self-attention (and tell cross-attention which caption belongs to which clip), so the output for each
     clip equals running it alone;
   * positions come from integer `(t, h, w)` coordinates through 3D rotary embeddings, so there is no
-    learned position table and any resolution, aspect ratio or duration works;
+    learned position table and any resolution, aspect ratio or duration works; `clip_position` adds each
+    token's fractional place in its own clip, the absolute signal a caption's layout needs
+    (soraax/clip_position.py);
   * adaLN-Zero conditioning is PER TOKEN: each clip has its own timestep, and conditioning tokens
     (image->video, extension) have t = 0 inside the same row;
   * text enters by cross-attention to the clip's own caption, as in PixArt-alpha, and optionally
@@ -41,6 +43,7 @@ import jax
 import jax.numpy as jnp
 
 from soraax import local_attention
+from soraax.clip_position import clip_position_features
 from soraax.cond_slots import at_slots, conditioning_slots, gather_slots
 from soraax.layers import Mlp, MultiHeadAttention
 
@@ -228,6 +231,7 @@ class DiT(nn.Module):
     cond_slots: int = 0          # > 0: adaLN computed per (clip, t) slot of a row (soraax/cond_slots.py); 0: per token
     clip_tokens: int = 0         # > 0: clips hold at most this many tokens, so self-attention computes only the
                                  # blocks a clip reaches (soraax/local_attention.py; exact, whole-row fallback)
+    clip_position: bool = False  # also embed each token's fractional place in its clip (soraax/clip_position.py)
     rope_theta: float = 10_000.0
     attn_impl: str = "xla"
     remat_policy: str = "none"
@@ -270,6 +274,11 @@ class DiT(nn.Module):
             inputs_BxSxP = jnp.concatenate([inputs_BxSxP, lowres_BxSxQ.astype(self.dtype)], axis=-1)
         x_BxSxD = nn.Dense(self.width, dtype=self.dtype, kernel_init=_dense_init((None, "embed")),
                            name="patch_embed")(inputs_BxSxP)
+        if self.clip_position:
+            # RoPE is relative only: without this no token knows which edge of its clip it is near.
+            features_BxSxF = clip_position_features(coords_BxSx3, segment_ids_BxS)
+            x_BxSxD = x_BxSxD + nn.Dense(self.width, dtype=self.dtype, kernel_init=_dense_init((None, "embed")),
+                                         name="clip_position_embed")(features_BxSxF.astype(self.dtype))
         x_BxSxD = nn.with_logical_constraint(x_BxSxD, ("batch", "length", "embed"))
         # The conditioning c below is per token [B, S, D], or with cond_slots per slot [B, M, D]: its inputs
         # (t, the clip's caption, aug) read at one token of each slot, and gathered back to tokens per block.

@@ -5,7 +5,9 @@ Two numbers that say whether a text-to-video model works, on data training never
     train split) at each of a few aspect ratios, all sampled packed together, read back by
     `soraax.analyser` and scored per attribute, overall, and by how often left and right (up and down) swap;
   * the VAE's reconstruction PSNR on held-out synthetic clips, resized to the same sizes, and the same
-    analyser's score of those reconstructions: what a perfect DiT could reach through this VAE.
+    analyser's score of those reconstructions: what a perfect DiT could reach through this VAE;
+  * `caption_gaps` (soraax/word_binding.py): on those clips, how much the DiT's loss rises when the caption's
+    colour, shape or direction word is swapped: whether the model reads each word at all.
 The result is one JSON object, printed and written to WORKDIR/eval.json (or --out); `evaluate` returns it.
 """
 
@@ -22,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from soraax import analyser, checkpoints, sampling
+from soraax import analyser, checkpoints, sampling, word_binding
 from soraax.sample import CliParser
 from soraax.data.pipeline import resize_video
 from soraax.data.synthetic import SyntheticClips, heldout_prompts
@@ -67,22 +69,29 @@ def _round_trip(vae_params, video_1xTxHxWx3, *, vae: VideoVAE):
     return psnr(video_1xTxHxWx3, recon), jnp.round((jnp.clip(recon[0], -1.0, 1.0) + 1.0) * 127.5).astype(jnp.uint8)
 
 
+def heldout_clips(run: sampling.Run, *, num_clips: int, frames: int,
+                  aspect_ratios: Sequence[tuple[int, int]] = ASPECT_RATIOS) -> tuple[list[np.ndarray], list[str]]:
+    """(float32 [T, H, W, 3] videos in [-1, 1], short captions) of held-out synthetic clips of `frames`
+    frames, each resized to its aspect ratio's sampling size."""
+    source = SyntheticClips(num_examples=num_clips, seed=run.cfg.seed, split="heldout",
+                            aspect_ratios=aspect_ratios, durations=(frames,))
+    frame_sizes = sizes(run.cfg, frames, aspect_ratios)
+    examples = [source[i] for i in range(num_clips)]
+    return ([resize_video(e["video"], *frame_sizes[e["aspect_ratio"]]) for e in examples],
+            [e["caption"] for e in examples])
+
+
 def vae_psnr(run: sampling.Run, *, num_clips: int, frames: int,
              aspect_ratios: Sequence[tuple[int, int]] = ASPECT_RATIOS) -> dict:
     """Mean PSNR (dB) of encode -> decode (posterior mean) over held-out synthetic clips of `frames` frames,
     each resized to its aspect ratio's sampling size, and the analyser's score of those reconstructions
     against their captions: the ceiling of prompt following, since every generated clip is a VAE decode."""
-    source = SyntheticClips(num_examples=num_clips, seed=run.cfg.seed, split="heldout",
-                            aspect_ratios=aspect_ratios, durations=(frames,))
-    frame_sizes = sizes(run.cfg, frames, aspect_ratios)
-    values, recons, captions = [], [], []
-    for i in range(num_clips):
-        example = source[i]
-        video = resize_video(example["video"], *frame_sizes[example["aspect_ratio"]])
+    videos, captions = heldout_clips(run, num_clips=num_clips, frames=frames, aspect_ratios=aspect_ratios)
+    values, recons = [], []
+    for video in videos:
         value, recon = _round_trip(run.vae_params, jnp.asarray(video)[None], vae=run.models.vae)
         values.append(float(value))
         recons.append(np.asarray(recon))
-        captions.append(example["caption"])
     score = analyser.score(recons, captions)
     return {"psnr": float(np.mean(values)), "psnr_min": float(np.min(values)), "num_clips": num_clips,
             "reconstruction_following": {k: score[k] for k in ("colour", "shape", "direction", "overall")}}
@@ -95,14 +104,15 @@ def evaluate(workdir: str, *, use_ema: bool = True, **options) -> dict:
 
 def evaluate_run(run: sampling.Run, *, num_prompts: int | None = None, steps: int | None = None,
                  guidance: float | None = None, frames: int = 17, seed: int = 0, num_vae_clips: int = 8,
-                 aspect_ratios: Sequence[tuple[int, int]] = ASPECT_RATIOS) -> dict:
+                 num_gap_clips: int = 8, aspect_ratios: Sequence[tuple[int, int]] = ASPECT_RATIOS) -> dict:
     """One JSON-ready dict: settings, `prompt_following` (analyser.score's fields, by_aspect_ratio, sizes,
-    each clip's reading) and `vae` (psnr). num_prompts defaults to every held-out prompt; steps and guidance
-    to the config's."""
+    each clip's reading), `vae` (psnr) and, with num_gap_clips > 0, `caption_gaps` (word_binding). num_prompts
+    defaults to every held-out prompt; steps and guidance to the config's."""
     started = time.perf_counter()
     num_prompts = len(heldout_prompts()) if num_prompts is None else num_prompts
-    if num_prompts < 1 or num_vae_clips < 1:
-        raise ValueError(f"--num_prompts ({num_prompts}) and --vae_clips ({num_vae_clips}) must be >= 1")
+    if num_prompts < 1 or num_vae_clips < 1 or num_gap_clips < 0:
+        raise ValueError(f"--num_prompts ({num_prompts}) and --vae_clips ({num_vae_clips}) must be >= 1, "
+                         f"--gap_clips ({num_gap_clips}) >= 0")
     if frames < 2:
         raise ValueError(f"--frames {frames}: the held-out prompts describe motion, so clips need frames > 1")
     steps = run.cfg.diffusion.sample_steps if steps is None else steps
@@ -114,6 +124,9 @@ def evaluate_run(run: sampling.Run, *, num_prompts: int | None = None, steps: in
                                              guidance=guidance, seed=seed, aspect_ratios=aspect_ratios),
         "vae": vae_psnr(run, num_clips=num_vae_clips, frames=frames, aspect_ratios=aspect_ratios),
     }
+    if num_gap_clips:
+        videos, captions = heldout_clips(run, num_clips=num_gap_clips, frames=frames, aspect_ratios=aspect_ratios)
+        result["caption_gaps"] = word_binding.caption_gaps(run, videos, captions, seed=seed)
     result["seconds"] = time.perf_counter() - started
     return result
 
@@ -129,6 +142,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--frames", type=int, default=17, help="frames of every clip (default 17)")
     p.add_argument("--seed", type=int, default=0, help="noise seed")
     p.add_argument("--vae_clips", type=int, default=8, help="held-out clips for the VAE's PSNR (default 8)")
+    p.add_argument("--gap_clips", type=int, default=8,
+                   help="held-out clips for caption_gaps, the loss rise when a caption's colour, shape or "
+                        "direction word is swapped (default 8; 0 skips it)")
     p.add_argument("--raw", action="store_true", help="evaluate the raw params instead of the EMA params")
     p.add_argument("--out", default=None, help="where the JSON goes (default: WORKDIR/eval.json)")
     args = p.parse_args(argv)
@@ -142,12 +158,15 @@ def main(argv: Sequence[str] | None = None) -> dict:
                             ("--vae_clips", args.vae_clips)):
             if value is not None and value < 1:
                 raise ValueError(f"{flag} must be >= 1, got {value}")
+        if args.gap_clips < 0:
+            raise ValueError(f"--gap_clips must be >= 0 (0 skips caption_gaps), got {args.gap_clips}")
         run = sampling.load_run(args.workdir, use_ema=not args.raw)
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
     result = evaluate_run(run, num_prompts=args.num_prompts, steps=args.steps, guidance=args.guidance,
-                          frames=args.frames, seed=args.seed, num_vae_clips=args.vae_clips)
+                          frames=args.frames, seed=args.seed, num_vae_clips=args.vae_clips,
+                          num_gap_clips=args.gap_clips)
     out = args.out or os.path.join(args.workdir, "eval.json")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as f:

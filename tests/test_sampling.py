@@ -2,6 +2,7 @@
 guidance is the reference cfg formula (1: the conditional model alone, 0: the unconditional one), clips are a
 function of (seed, index), the CLI writes what it says and refuses bad sizes before computing, and eval's
 JSON has its fields in range."""
+import dataclasses
 import json
 import math
 import os
@@ -14,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from soraax import checkpoints, config, patches, sample, sampling, train
+from soraax import checkpoints, config, patches, sample, sampling, train, word_binding
 from soraax import eval as evaluation
 from soraax.data.video_io import read_video
 from helpers import perturb
@@ -289,7 +290,7 @@ def test_sample_cli_errors_are_one_line_with_exit_code_2(tmp_path, saved, capsys
 
 
 def test_eval_reports_prompt_following_and_vae_psnr(run):
-    result = evaluation.evaluate_run(run, num_prompts=2, steps=2, frames=5, num_vae_clips=2,
+    result = evaluation.evaluate_run(run, num_prompts=2, steps=2, frames=5, num_vae_clips=2, num_gap_clips=2,
                                      aspect_ratios=((3, 2), (2, 3)))
     json.dumps(result)  # plain JSON
     following = result["prompt_following"]
@@ -307,14 +308,41 @@ def test_eval_reports_prompt_following_and_vae_psnr(run):
     assert result["vae"]["reconstruction_following"]["colour"] == 1.0
     assert result["vae"]["reconstruction_following"]["direction"] == 1.0
     assert result["step"] == 2 and result["params"] == "ema" and result["steps"] == 2
+    gaps = result["caption_gaps"]
+    assert gaps["noise_levels"] == list(word_binding.NOISE_LEVELS) and len(gaps["loss"]) == 3
+    assert all(gaps[a]["num_clips"] == 2 and len(gaps[a]["gap"]) == 3 for a in word_binding.ATTRIBUTES)
+
+
+def test_swapped_captions_change_one_word_to_another_value():
+    swapped = word_binding.swapped_captions("a red square moving left")
+    assert swapped == {"colour": "a green square moving left", "shape": "a red circle moving left",
+                       "direction": "a red square moving right"}
+    assert set(word_binding.swapped_captions("a blue diamond")) == {"colour", "shape"}  # an image: no motion
+
+
+def test_caption_gaps_are_zero_exactly_when_the_dit_cannot_read_the_caption(run):
+    videos, captions = evaluation.heldout_clips(run, num_clips=2, frames=5, aspect_ratios=((3, 2),))
+    reads = word_binding.caption_gaps(run, videos, captions, noise_levels=(0.9,))
+    assert max(abs(reads[a]["gap"][0]) for a in word_binding.ATTRIBUTES) > 1e-4
+    # Cut the caption off: zero its projections into the DiT (cross-attention's input and the pooled path).
+    dit_params = dict(run.params["dit"])
+    for name in ("text_proj", "pooled_text_proj"):
+        if name in dit_params:
+            dit_params[name] = jax.tree_util.tree_map(jnp.zeros_like, dit_params[name])
+    deaf = dataclasses.replace(run, params={**run.params, "dit": dit_params})
+    blind = word_binding.caption_gaps(deaf, videos, captions, noise_levels=(0.9,))
+    for attribute in word_binding.ATTRIBUTES:
+        assert abs(blind[attribute]["gap"][0]) < 1e-6, (attribute, blind[attribute])
+    assert blind["direction"]["num_clips"] == 2
 
 
 def test_eval_cli_writes_its_json_to_the_workdir(saved, capsys):
     result = evaluation.main(["--workdir", saved[0], "--num_prompts", "1", "--steps", "2", "--frames", "5",
-                              "--vae_clips", "1"])
+                              "--vae_clips", "1", "--gap_clips", "0"])
     with open(os.path.join(saved[0], "eval.json")) as f:
         assert json.load(f) == json.loads(json.dumps(result))
     assert result["prompt_following"]["num_clips"] == len(evaluation.ASPECT_RATIOS)
+    assert "caption_gaps" not in result  # --gap_clips 0 skips it
     assert "overall" in json.loads(capsys.readouterr().out)["prompt_following"]  # stdout is one JSON object
     with pytest.raises(SystemExit) as exit_info:
         evaluation.main(["--workdir", saved[0], "--frames", "1"])
@@ -331,5 +359,5 @@ def test_a_trained_run_samples_and_evaluates(tmp_path):
     out = str(tmp_path / "clip.mp4")
     sample.main(["--workdir", workdir, "--prompt", PROMPT, "--out", out, "--frames", "5"])
     assert read_video(out).shape == (5, *sampling.default_size(cfg, 5), 3)
-    result = evaluation.evaluate(workdir, num_prompts=1, steps=2, frames=5, num_vae_clips=1)
+    result = evaluation.evaluate(workdir, num_prompts=1, steps=2, frames=5, num_vae_clips=1, num_gap_clips=1)
     assert result["step"] == 2 and 0.0 < result["vae"]["psnr"]
