@@ -40,7 +40,6 @@ Dimension key: T/H/W pixel frames/height/width, t/h/w latent frames/height/width
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Sequence
 
 import jax
@@ -50,7 +49,7 @@ from tqdm import tqdm
 from soraax import patches, sampling
 from soraax.data.pipeline import resize_video
 from soraax.sampling import Clip, Run
-from soraax.vae import VideoVAE
+from soraax.vae import encode_mean
 
 DIRECTIONS = ("forward", "backward")
 _RESIZE_CHUNK = 64  # frames resized at a time: a long input never needs a float copy of itself
@@ -254,16 +253,10 @@ def _to_uint8(video_float: np.ndarray) -> np.ndarray:
     return np.round((np.clip(video_float, -1.0, 1.0) + 1.0) * 127.5).astype(np.uint8)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _encode_mean(vae: VideoVAE, vae_params, video_1xTxHxWx3):
-    mean, _ = vae.apply({"params": vae_params}, video_1xTxHxWx3, method=VideoVAE.encode)
-    return mean[0]
-
-
 def encode(run: Run, video_uint8: np.ndarray) -> np.ndarray:
     """uint8 [T = 1 + ft*n, H, W, 3] -> the latent [1 + n, h, w, C] the DiT samples in (the posterior mean)."""
     video = np.asarray(video_uint8, np.float32) * (2.0 / 255.0) - 1.0
-    return np.asarray(_encode_mean(run.models.vae, run.vae_params, video[None]))
+    return np.asarray(encode_mean(run.models.vae, run.vae_params, video[None]))[0]
 
 
 def round_trip(run: Run, video_uint8: np.ndarray) -> np.ndarray:

@@ -81,19 +81,17 @@ def heldout_clips(run: sampling.Run, *, num_clips: int, frames: int,
             [e["caption"] for e in examples])
 
 
-def vae_psnr(run: sampling.Run, *, num_clips: int, frames: int,
-             aspect_ratios: Sequence[tuple[int, int]] = ASPECT_RATIOS) -> dict:
-    """Mean PSNR (dB) of encode -> decode (posterior mean) over held-out synthetic clips of `frames` frames,
-    each resized to its aspect ratio's sampling size, and the analyser's score of those reconstructions
-    against their captions: the ceiling of prompt following, since every generated clip is a VAE decode."""
-    videos, captions = heldout_clips(run, num_clips=num_clips, frames=frames, aspect_ratios=aspect_ratios)
+def vae_psnr(run: sampling.Run, videos: Sequence[np.ndarray], captions: Sequence[str]) -> dict:
+    """Mean PSNR (dB) of encode -> decode (posterior mean) over `videos` (heldout_clips'), and the analyser's
+    score of those reconstructions against their captions: the ceiling of prompt following, since every
+    generated clip is a VAE decode."""
     values, recons = [], []
     for video in videos:
         value, recon = _round_trip(run.vae_params, jnp.asarray(video)[None], vae=run.models.vae)
         values.append(float(value))
         recons.append(np.asarray(recon))
     score = analyser.score(recons, captions)
-    return {"psnr": float(np.mean(values)), "psnr_min": float(np.min(values)), "num_clips": num_clips,
+    return {"psnr": float(np.mean(values)), "psnr_min": float(np.min(values)), "num_clips": len(videos),
             "reconstruction_following": {k: score[k] for k in ("colour", "shape", "direction", "overall")}}
 
 
@@ -122,11 +120,14 @@ def evaluate_run(run: sampling.Run, *, num_prompts: int | None = None, steps: in
         "guidance": guidance, "frames": frames, "seed": seed,
         "prompt_following": prompt_following(run, num_prompts=num_prompts, frames=frames, steps=steps,
                                              guidance=guidance, seed=seed, aspect_ratios=aspect_ratios),
-        "vae": vae_psnr(run, num_clips=num_vae_clips, frames=frames, aspect_ratios=aspect_ratios),
     }
+    # One set of held-out clips for both: the first n of a larger set are the same clips.
+    videos, captions = heldout_clips(run, num_clips=max(num_vae_clips, num_gap_clips), frames=frames,
+                                     aspect_ratios=aspect_ratios)
+    result["vae"] = vae_psnr(run, videos[:num_vae_clips], captions[:num_vae_clips])
     if num_gap_clips:
-        videos, captions = heldout_clips(run, num_clips=num_gap_clips, frames=frames, aspect_ratios=aspect_ratios)
-        result["caption_gaps"] = word_binding.caption_gaps(run, videos, captions, seed=seed)
+        result["caption_gaps"] = word_binding.caption_gaps(run, videos[:num_gap_clips], captions[:num_gap_clips],
+                                                           seed=seed)
     result["seconds"] = time.perf_counter() - started
     return result
 

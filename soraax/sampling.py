@@ -263,6 +263,18 @@ def text_pad_len(cfg) -> int:
     return int(cfg.model.get("text_pad_len", 0))
 
 
+def place_caption(ids, segment: int, start: int, pad: int, tokens_L, segment_ids_L, attend_ids_L) -> int:
+    """Writes one caption's token ids into a row's text arrays at `start`, marked with `segment`, and what
+    the DiT attends to: the tokens, or with model.text_pad_len (`pad`) the caption padded to it. Returns
+    where the next caption starts."""
+    end = start + len(ids)
+    tokens_L[start:end] = ids
+    segment_ids_L[start:end] = segment
+    span = max(len(ids), pad)
+    attend_ids_L[start:start + span] = segment
+    return start + span
+
+
 def make_clip(run: Run, prompt: str, *, frames: int, height: int, width: int, key: jax.Array) -> Clip:
     return Clip(prompt, check_size(run.cfg, frames=frames, height=height, width=width), key)
 
@@ -350,10 +362,9 @@ def _packed_rows(run: Run, clips: Sequence[Clip], rows: Sequence[Sequence[int]],
             if lowres_dim:
                 batch["lowres_tokens"][r, video] = clip.lowres_tokens
                 batch["lowres_aug"][r, video] = clip.lowres_aug
-            caption = tokenizer.encode(clip.prompt, l)
-            batch["text_tokens"][r, text_start:text_start + len(caption)] = caption
-            batch["text_segment_ids"][r, text_start:text_start + len(caption)] = segment
-            batch["text_attend_ids"][r, text_start:text_start + max(len(caption), pad)] = segment
+            text_start = place_caption(tokenizer.encode(clip.prompt, l), segment, text_start, pad,
+                                       batch["text_tokens"][r], batch["text_segment_ids"][r],
+                                       batch["text_attend_ids"][r])
             # Every caption holds at least the empty caption's special tokens, so the empty ones fit
             # wherever the captions did (padded, each takes `pad` slots, as each caption does).
             slot = max(len(empty), pad)
@@ -362,7 +373,6 @@ def _packed_rows(run: Run, clips: Sequence[Clip], rows: Sequence[Sequence[int]],
             batch["uncond_segment_ids"][r, uncond] = segment
             batch["uncond_attend_ids"][r, slot * (segment - 1):slot * segment] = segment
             start += n
-            text_start += max(len(caption), pad)
     return batch, places
 
 

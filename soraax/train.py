@@ -40,7 +40,7 @@ from soraax.data import pipeline
 from soraax.models import Models, build, build_vae
 from soraax.text.dropout import drop_caption_states, drop_captions
 from soraax.text.encoders import CaptionStates, empty_caption_states, frozen_params
-from soraax.vae import VideoVAE, latent_channel_stats, vae_loss
+from soraax.vae import VideoVAE, encode_mean, latent_channel_stats, vae_loss
 
 LATENT_STATS_FILE = "latent_stats.json"
 log = logging.getLogger("soraax.train")
@@ -259,8 +259,7 @@ def dit_task(cfg, vae_params=None, latent_stats=((0.0,), (1.0,)), make_batches=p
         if cached and host_text_params is None:
             frozen_params(text)  # raises: the encoder is a shape without weights
         local_params = jax.device_put(distributed.host_copy(vae_params), jax.local_devices()[0])
-        encode = jax.jit(lambda p, v: models.vae.apply({"params": p}, v[None], method=VideoVAE.encode)[0][0])
-        return make_batches(cfg, lambda video: np.asarray(encode(local_params, video)),
+        return make_batches(cfg, lambda video: np.asarray(encode_mean(models.vae, local_params, video[None]))[0],
                             process_index=process_index, process_count=process_count, tokenizer=text.tokenizer,
                             encode_text=CaptionStates(text, host_text_params) if cached else None)
 
@@ -533,9 +532,9 @@ def vae_latent_stats(cfg, vae_dir: str, num_batches: int = 8):
     # On one local device: a process that finds the file another has just written skips these encodes.
     params = jax.device_put(distributed.host_copy(load_vae_params(cfg, vae_dir)), jax.local_devices()[0])
     vae = build_vae(cfg.vae)
-    encode = jax.jit(lambda p, v: vae.apply({"params": p}, v, method=VideoVAE.encode)[0])
     data = iter(pipeline.vae_batches(cfg))
-    mean, std = latent_channel_stats(np.asarray(encode(params, next(data)["video"])) for _ in range(num_batches))
+    mean, std = latent_channel_stats(np.asarray(encode_mean(vae, params, next(data)["video"]))
+                                     for _ in range(num_batches))
     if jax.process_index() == 0:
         with open(path + ".tmp", "w") as f:  # then renamed, so no process reads it half-written
             json.dump({"mean": mean, "std": std}, f)

@@ -705,6 +705,14 @@ class VideoVAE(nn.Module):
         return self.decoder(z), mean, logvar
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def encode_mean(vae: VideoVAE, vae_params, video_BxTxHxWx3):
+    """The posterior mean [B, t, h, w, C] in diffusion space: how the data pipeline, the capabilities and
+    eval encode clips (sampling the posterior is for the VAE's own training)."""
+    mean, _ = vae.apply({"params": vae_params}, video_BxTxHxWx3, method=VideoVAE.encode)
+    return mean
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Chunked decode
 

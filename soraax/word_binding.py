@@ -19,10 +19,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from soraax import patches
+from soraax import patches, sampling
 from soraax.analyser import parse_caption
 from soraax.data.synthetic import COLOURS, DIRECTIONS, SHAPES
-from soraax.vae import VideoVAE
+from soraax.vae import encode_mean
 
 ATTRIBUTES = ("colour", "shape", "direction")
 OPPOSITE = {"left": "right", "right": "left", "up": "down", "down": "up"}
@@ -49,22 +49,24 @@ def swapped_captions(caption: str) -> dict[str, str]:
 
 
 def _caption_inputs(run, caption: str):
-    """(token ids [1, L], attend ids [1, L]) of one caption alone, as sampling lays it out."""
-    from soraax.sampling import text_pad_len
+    """(token ids, segment ids, attend ids), each [1, L], of one caption alone, as sampling lays it out."""
     ids = np.asarray(run.models.tokenizer.encode(caption, run.cfg.text_len), np.int32)
-    length = max(len(ids), text_pad_len(run.cfg))
-    tokens = np.zeros((1, length), np.int32)
-    tokens[0, :len(ids)] = ids
-    segments = (np.arange(length) < len(ids)).astype(np.int32)[None]
-    return tokens, segments, np.ones((1, length), np.int32)
+    pad = sampling.text_pad_len(run.cfg)
+    tokens, segments, attend = (np.zeros((1, max(len(ids), pad)), np.int32) for _ in range(3))
+    sampling.place_caption(ids, 1, 0, pad, tokens[0], segments[0], attend[0])
+    return tokens, segments, attend
+
+
+def _text_states_fn(run):
+    text = run.models.text_encoder
+    return jax.jit(lambda params, tokens, segments: text.apply({"params": params["text"]}, tokens, segments))
 
 
 def _loss_fn(run):
-    dit, text = run.models.dit, run.models.text_encoder
+    dit = run.models.dit
 
     @jax.jit
-    def loss(params, x0_1xNxP, coords_1xNx3, noise_1xNxP, t, text_tokens, text_segments, text_attend):
-        states_1xLxT = text.apply({"params": params["text"]}, text_tokens, text_segments)
+    def loss(params, x0_1xNxP, coords_1xNx3, noise_1xNxP, t, states_1xLxT, text_attend):
         n = x0_1xNxP.shape[1]
         x_t = (1.0 - t) * x0_1xNxP + t * noise_1xNxP
         v = dit.apply({"params": params["dit"]}, x_t, coords_1xNx3, jnp.ones((1, n), jnp.int32),
@@ -86,17 +88,19 @@ def caption_gaps(run, videos: Sequence[np.ndarray], captions: Sequence[str], *,
     if len(videos) != len(captions) or not videos:
         raise ValueError(f"caption_gaps needs as many captions as videos (>= 1); got {len(videos)} videos "
                          f"and {len(captions)} captions")
-    encode = jax.jit(lambda p, v: run.models.vae.apply({"params": p}, v[None], method=VideoVAE.encode)[0][0])
-    loss = _loss_fn(run)
+    encode_text, loss = _text_states_fn(run), _loss_fn(run)
     own = [[] for _ in noise_levels]
     gaps = {a: [[] for _ in noise_levels] for a in ATTRIBUTES}
     for i, (video, caption) in enumerate(zip(videos, captions)):
-        latent = np.asarray(encode(run.vae_params, jnp.asarray(video, jnp.float32)))
+        latent = np.asarray(encode_mean(run.models.vae, run.vae_params, jnp.asarray(video, jnp.float32)[None]))[0]
         tokens_NxP, coords_Nx3 = patches.patchify(latent, run.models.patch_size)
         x0, coords = jnp.asarray(tokens_NxP)[None], jnp.asarray(coords_Nx3)[None]
         noise = jax.random.normal(jax.random.fold_in(jax.random.PRNGKey(seed), i), x0.shape, jnp.float32)
         variants = {"own": caption, **swapped_captions(caption)}
-        inputs = {name: _caption_inputs(run, text) for name, text in variants.items()}
+        inputs = {}
+        for name, text in variants.items():  # each caption encoded once, for every noise level
+            tokens, segments, attend = _caption_inputs(run, text)
+            inputs[name] = (encode_text(run.params, tokens, segments), attend)
         for j, t in enumerate(noise_levels):
             losses = {name: float(loss(run.params, x0, coords, noise, jnp.float32(t), *inputs[name]))
                       for name in variants}

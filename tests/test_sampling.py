@@ -320,6 +320,19 @@ def test_swapped_captions_change_one_word_to_another_value():
     assert set(word_binding.swapped_captions("a blue diamond")) == {"colour", "shape"}  # an image: no motion
 
 
+def test_caption_gaps_lay_a_caption_out_as_sampling_does(run):
+    # The gaps are losses of the model sampling runs: the same caption must reach the DiT the same way.
+    prompt = "a red circle moving left"
+    clip = sampling.make_clip(run, prompt, frames=5, height=24, width=32, key=sampling.clip_key(0, 0))
+    batch, _ = sampling._packed_rows(run, [clip], [[0]], 1)
+    tokens, segments, attend = word_binding._caption_inputs(run, prompt)
+    n = tokens.shape[1]
+    assert n == int((batch["text_attend_ids"][0] > 0).sum()) and tokens[0, 0] != 0
+    np.testing.assert_array_equal(tokens, batch["text_tokens"][:, :n])
+    np.testing.assert_array_equal(segments, batch["text_segment_ids"][:, :n])
+    np.testing.assert_array_equal(attend, batch["text_attend_ids"][:, :n])
+
+
 def test_caption_gaps_are_zero_exactly_when_the_dit_cannot_read_the_caption(run):
     videos, captions = evaluation.heldout_clips(run, num_clips=2, frames=5, aspect_ratios=((3, 2),))
     reads = word_binding.caption_gaps(run, videos, captions, noise_levels=(0.9,))
