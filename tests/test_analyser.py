@@ -111,7 +111,7 @@ def _all_specs():
 
 def test_parse_caption_inverts_the_captions():
     for spec in _all_specs():
-        short = {"colour": spec.colour, "shape": spec.shape}
+        short = {"colour": spec.colour, "shape": spec.shape, "background": spec.background}
         if spec.moving:
             short["direction"] = spec.direction
         assert parse_caption(caption_short(spec)) == short
@@ -133,8 +133,7 @@ def test_score_perfect_and_flipped(items):
     captions = [item["caption"] for item in items[:40]]
     perfect = score(videos, captions)
     json.dumps(perfect)
-    assert all(perfect[name] == 1.0 for name in ("colour", "shape", "direction", "overall"))
-    assert perfect["background"] is None  # short captions do not name it
+    assert all(perfect[name] == 1.0 for name in (*SCORED_ATTRIBUTES, "overall"))  # short captions name the background
     assert perfect["left_right_confusions"] == perfect["up_down_confusions"] == 0
     detailed = score(videos, [item["caption_detailed"] for item in items[:40]])
     assert all(detailed[name] == 1.0 for name in (*SCORED_ATTRIBUTES, "overall"))

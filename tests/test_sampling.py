@@ -297,11 +297,12 @@ def test_eval_reports_prompt_following_and_vae_psnr(run):
     assert following["num_clips"] == 4 and len(following["clips"]) == 4
     for name in ("colour", "shape", "direction", "overall"):
         assert 0.0 <= following[name] <= 1.0
-    assert following["background"] is None  # short prompts do not name one
+    assert 0.0 <= following["background"] <= 1.0  # short prompts name the background too
     assert following["left_right_confusions"] + following["up_down_confusions"] <= 4
     assert set(following["by_aspect_ratio"]) == {"3:2", "2:3"}
     assert following["sizes"] == {"3:2": [24, 32], "2:3": [32, 24]}
-    assert {c["prompt"] for c in following["clips"]} == {"a red circle moving left", "a blue square moving right"}
+    assert {c["prompt"] for c in following["clips"]} == {"a red circle moving left on a black background",
+                                                        "a blue square moving right on a white background"}
     assert result["vae"]["num_clips"] == 2 and 0.0 < result["vae"]["psnr_min"] <= result["vae"]["psnr"] < 100.0
     # The saved VAE's EMA params are its init, and a fresh shortcut VAE is exactly a 4x4x4 average pool,
     # which keeps colour and motion: the ceiling the eval reports is then met in full.

@@ -114,7 +114,8 @@ def test_captions_name_exactly_the_spec(train_items):
     vocabulary = {*SHAPES, *COLOURS, *SIZES, *SPEEDS, *BACKGROUNDS}
     for item in train_items:
         moving = item["video"].shape[0] > 1
-        expected = f"a {item['colour']} {item['shape']}" + (f" moving {item['direction']}" if moving else "")
+        expected = (f"a {item['colour']} {item['shape']}" + (f" moving {item['direction']}" if moving else "")
+                    + f" on a {item['background']} background")
         assert item["caption"] == expected
         words = set(item["caption_detailed"].lower().replace(".", "").split())
         named = {item[k] for k in ("shape", "colour", "size", "speed", "background") if item[k]}
@@ -127,11 +128,11 @@ def test_captions_name_exactly_the_spec(train_items):
 
 def test_caption_examples():
     spec = ClipSpec("square", "red", "small", "left", "slowly", "black")
-    assert caption_short(spec) == "a red square moving left"
+    assert caption_short(spec) == "a red square moving left on a black background"
     assert caption_detailed(spec).startswith("A small red square moves slowly to the left across a plain "
                                              "black background.")
     image = dataclasses.replace(spec, direction=None, speed=None)
-    assert caption_short(image) == "a red square"
+    assert caption_short(image) == "a red square on a black background"
     assert "still" in caption_detailed(image) and "slowly" not in caption_detailed(image)
 
 
