@@ -1,4 +1,5 @@
-"""Text to video: `python -m soraax.sample --workdir runs/tiny --prompt "a red square moving left" --out clip.mp4`.
+"""Text to video:
+`python -m soraax.sample --workdir runs/tiny --prompt "a red square moving left on a black background" --out clip.mp4`.
 
 The capability flags pick one other mode (soraax/capabilities.py; docs/sample.md shows each): `--image`
 (image->video), `--video` with `--extend N` (N frames after the clip, or before it for N < 0) or
@@ -57,7 +58,8 @@ def parser() -> argparse.ArgumentParser:
                            "e.g. configs/sr_tiny.py), comma-separated; one decode at the end. --frames/--height/"
                            "--width give the output (default: the base's size times the SR factors)")
     p.add_argument("--config", default=None, help="with --weights: the config whose model.* the folder holds")
-    p.add_argument("--prompt", required=True, help="what the clip should show, e.g. 'a red square moving left'")
+    p.add_argument("--prompt", required=True,
+                   help="what the clip should show, e.g. 'a red square moving left on a black background'")
     p.add_argument("--out", default="sample.mp4",
                    help="output file: .mp4 or .gif (video), .png (one frame); default sample.mp4")
     p.add_argument("--frames", type=int, default=None,
