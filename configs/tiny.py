@@ -51,10 +51,14 @@ def get_config(arg=None):
     c.model.local_attention = True       # self-attention skips blocks no clip reaches (data.token_budget); exact
     c.model.clip_position = True         # each token's fractional place in its clip: RoPE alone is relative, and
                                          # "moving left" (start right, end left) needs to know the edges
+    c.model.clip_position_pairs = False  # and products of two axes' places ("moving left" is a (t, w) layout):
+                                         # direction's caption gap 5x in a proxy, no gain end to end (docs/train.md)
 
     c.diffusion = ml_collections.ConfigDict()
     c.diffusion.t_mean = 0.0             # logit-normal timestep sampling (SD3)
     c.diffusion.t_std = 1.0
+    c.diffusion.high_noise_rate = 0.0    # this share of clips trains at t ~ U(high_noise_min, 1), where a
+    c.diffusion.high_noise_min = 0.9     # caption's layout is decided; 0.25 gave no gain end to end (docs/train.md)
     c.diffusion.base_tokens = 64         # a clip of this many tokens gets no resolution shift
     c.diffusion.text_dropout = 0.1       # captions replaced by "" so classifier-free guidance works
     c.diffusion.sample_steps = 30

@@ -19,9 +19,13 @@ import jax.numpy as jnp
 AXES = 3  # (t, h, w)
 
 
-def num_features(bands: int) -> int:
-    """Per axis: sin and cos of `bands` harmonics of the fraction, and the log of the clip's extent."""
-    return AXES * (2 * bands + 1)
+AXIS_PAIRS = ((0, 1), (0, 2), (1, 2))  # (t, h), (t, w), (h, w)
+
+
+def num_features(bands: int, pairs: bool = False) -> int:
+    """Per axis: sin and cos of `bands` harmonics of the fraction, and the log of the clip's extent; with
+    `pairs`, also every product of two axes' harmonics."""
+    return AXES * (2 * bands + 1) + (len(AXIS_PAIRS) * (2 * bands) ** 2 if pairs else 0)
 
 
 def clip_bounds(coords_BxSx3, segment_ids_BxS):
@@ -43,18 +47,27 @@ def clip_bounds(coords_BxSx3, segment_ids_BxS):
     return first, per_token(jax.ops.segment_max) - first + 1
 
 
-def clip_position_features(coords_BxSx3, segment_ids_BxS, bands: int = 4):
+def clip_position_features(coords_BxSx3, segment_ids_BxS, bands: int = 4, pairs: bool = False):
     """float32 [B, S, F]: harmonics of (coordinate - first + 0.5) / extent along each axis, and log(extent).
     A clip translated in (t, h, w) gets the same features, so RoPE's relative positions stay relative.
 
     Harmonic k is sin/cos(pi k f) for f in (0, 1): k = 1 already tells the two edges apart (cos is +1 at
     one, -1 at the other), higher ones resolve finer places; log(extent) tells a long clip from a short one.
+
+    pairs: also the products of two axes' harmonics. A caption's layout over time ("moving left": at the
+    right early, at the left late) is a function of (t, w) together; per-axis features make it a sum
+    f(t) + g(w), which cannot place one object, and the first layer is linear in its features.
     """
     first, extents = clip_bounds(coords_BxSx3, segment_ids_BxS)
     extents = extents.astype(jnp.float32)
     fraction_BxSx3 = ((coords_BxSx3 - first).astype(jnp.float32) + 0.5) / extents
     k_1x1x1xK = jnp.arange(1, bands + 1, dtype=jnp.float32).reshape(1, 1, 1, bands)
     angles_BxSx3xK = jnp.pi * fraction_BxSx3[..., None] * k_1x1x1xK
-    features = jnp.concatenate([jnp.sin(angles_BxSx3xK), jnp.cos(angles_BxSx3xK),
-                                jnp.log(extents)[..., None]], axis=-1)
-    return features.reshape(*features.shape[:2], num_features(bands))
+    harmonics_BxSx3x2K = jnp.concatenate([jnp.sin(angles_BxSx3xK), jnp.cos(angles_BxSx3xK)], axis=-1)
+    features = jnp.concatenate([harmonics_BxSx3x2K, jnp.log(extents)[..., None]], axis=-1)
+    features = [features.reshape(*features.shape[:2], num_features(bands))]
+    if pairs:
+        for a, b in AXIS_PAIRS:
+            products = jnp.einsum("bsi,bsj->bsij", harmonics_BxSx3x2K[:, :, a], harmonics_BxSx3x2K[:, :, b])
+            features.append(products.reshape(*products.shape[:2], (2 * bands) ** 2))
+    return jnp.concatenate(features, axis=-1)

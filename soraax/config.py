@@ -220,6 +220,11 @@ def _validate_types_and_ranges(cfg) -> None:
     _bool(cfg, "model.adaln_slots", default=True)
     _bool(cfg, "model.local_attention", default=True)
     _bool(cfg, "model.clip_position", default=False)
+    if _bool(cfg, "model.clip_position_pairs", default=False):
+        _require(_value(cfg, "model.clip_position", False), "model.clip_position_pairs",
+                 "multiplies model.clip_position's per-axis features, so it needs model.clip_position=True")
+    _number(cfg, "diffusion.high_noise_rate", 0.0, 1.0, default=0.0)
+    _number(cfg, "diffusion.high_noise_min", 0.0, 1.0, high_open=True, default=0.9)
     _int(cfg, "data.synthetic_min_frames", minimum=5, default=5)   # above data.max_frames: max_frames only
     for key in ("data.manifest", "data.tfds_dir", "data.tfds_name", "vae.checkpoint"):
         _text(cfg, key)

@@ -78,16 +78,35 @@ def token_shift(segment_ids_BxS, *, max_segments: int, base_tokens: float):
     return jnp.take_along_axis(alpha_BxM, segment_ids_BxS, axis=1)
 
 
+def high_noise_mixture(key, t, rate: float, low: float):
+    """t with a share `rate` of its entries redrawn uniform in [low, 1).
+
+    A caption's layout (where the object is, which way it goes) is decided in the first sampling steps,
+    near t = 1; the logit-normal gives that range a few percent of training, too little for a small model
+    to learn a layout word (docs/train.md). rate = 0 returns t unchanged.
+    """
+    if not rate:
+        return t
+    k_pick, k_t = jax.random.split(key)
+    high = jax.random.uniform(k_t, t.shape, jnp.float32, low, 1.0)
+    return jnp.where(jax.random.bernoulli(k_pick, rate, t.shape), high, t)
+
+
 def per_token_timesteps(key, segment_ids_BxS, cond_mask_BxS, *, max_segments: int, base_tokens: float,
-                        mean: float = 0.0, std: float = 1.0):
-    """float32 [B, S]: one logit-normal t per segment, shifted by that segment's size, gathered per token.
+                        mean: float = 0.0, std: float = 1.0, high_noise_rate: float = 0.0,
+                        high_noise_min: float = 0.9):
+    """float32 [B, S]: one logit-normal t per segment, shifted by that segment's size, gathered per token;
+    with high_noise_rate > 0 that share of segments instead draws t uniform in [high_noise_min, 1).
 
     Padding and conditioning tokens get t = 0. Segment ids must lie in [0, max_segments]; a larger id
     gathers out of range and its tokens read NaN (jit cannot raise on data).
     """
     b = segment_ids_BxS.shape[0]
-    t_BxM = logit_normal(key, (b, max_segments + 1), mean, std)
+    # Without the mixture the key is used as it always was, so existing runs draw the same t.
+    k_t, k_high = jax.random.split(key) if high_noise_rate else (key, None)
+    t_BxM = logit_normal(k_t, (b, max_segments + 1), mean, std)
     t_BxM = resolution_shift(t_BxM, segment_token_counts(segment_ids_BxS, max_segments), base_tokens)
+    t_BxM = high_noise_mixture(k_high, t_BxM, high_noise_rate, high_noise_min)
     t_BxS = jnp.take_along_axis(t_BxM, segment_ids_BxS, axis=1, mode="fill", fill_value=jnp.nan)
     return jnp.where(loss_weights(segment_ids_BxS, cond_mask_BxS) > 0, t_BxS, 0.0)
 

@@ -232,6 +232,7 @@ class DiT(nn.Module):
     clip_tokens: int = 0         # > 0: clips hold at most this many tokens, so self-attention computes only the
                                  # blocks a clip reaches (soraax/local_attention.py; exact, whole-row fallback)
     clip_position: bool = False  # also embed each token's fractional place in its clip (soraax/clip_position.py)
+    clip_position_pairs: bool = False  # and the products of two axes' places: a layout over time, e.g. (t, w)
     rope_theta: float = 10_000.0
     attn_impl: str = "xla"
     remat_policy: str = "none"
@@ -252,6 +253,8 @@ class DiT(nn.Module):
             raise ValueError(f"mlp_dim must be >= 0 (0: width * mlp_ratio), got {self.mlp_dim}")
         if self.cond_slots < 0:
             raise ValueError(f"cond_slots must be >= 0 (0: conditioning per token), got {self.cond_slots}")
+        if self.clip_position_pairs and not self.clip_position:
+            raise ValueError("clip_position_pairs adds to clip_position's features; set clip_position=True too")
 
     def _check_lowres(self, lowres_BxSxQ, aug_BxS, tokens_shape):
         if not self.lowres_dim:
@@ -276,7 +279,8 @@ class DiT(nn.Module):
                            name="patch_embed")(inputs_BxSxP)
         if self.clip_position:
             # RoPE is relative only: without this no token knows which edge of its clip it is near.
-            features_BxSxF = clip_position_features(coords_BxSx3, segment_ids_BxS)
+            features_BxSxF = clip_position_features(coords_BxSx3, segment_ids_BxS,
+                                                    pairs=self.clip_position_pairs)
             x_BxSxD = x_BxSxD + nn.Dense(self.width, dtype=self.dtype, kernel_init=_dense_init((None, "embed")),
                                          name="clip_position_embed")(features_BxSxF.astype(self.dtype))
         x_BxSxD = nn.with_logical_constraint(x_BxSxD, ("batch", "length", "embed"))

@@ -69,6 +69,7 @@ def build(cfg: ml_collections.ConfigDict, latent_mean=0.0, latent_std=1.0) -> Mo
               mlp_dim=m.get("mlp_dim", 0), freq_dim=m.get("freq_dim", 256),
               modulation=m.get("modulation", "per_block"), qk_norm=m.get("qk_norm", False),
               text_mlp=m.get("text_mlp", False), clip_position=m.get("clip_position", False),
+              clip_position_pairs=m.get("clip_position_pairs", False),
               # adaLN once per (clip, t) of a row, not per token: the same function for ~1/3 fewer FLOPs.
               cond_slots=slots_for(cfg.max_segments) if m.get("adaln_slots", True) else 0,
               # Training clips hold at most data.token_budget tokens: attention skips the blocks none reaches.

@@ -176,7 +176,9 @@ def dit_loss_fn(models: Models, cfg, empty_states=None):
         text_states, text_segment_ids = text_fn(params, batch, k_drop)
         x0, segment_ids, cond_mask = batch["tokens"], batch["segment_ids"], batch["cond_mask"]
         t = diffusion.per_token_timesteps(k_t, segment_ids, cond_mask, max_segments=cfg.max_segments,
-                                          base_tokens=d.base_tokens, mean=d.t_mean, std=d.t_std)
+                                          base_tokens=d.base_tokens, mean=d.t_mean, std=d.t_std,
+                                          high_noise_rate=d.get("high_noise_rate", 0.0),
+                                          high_noise_min=d.get("high_noise_min", 0.9))
         eps = jax.random.normal(k_eps, x0.shape, x0.dtype)
         x_t = jnp.where(cond_mask[..., None], x0, diffusion.flow_interpolate(x0, eps, t))
         # A key of its own (folded, not split): the text-to-video DiT's draws stay what they always were.

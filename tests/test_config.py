@@ -56,10 +56,20 @@ def test_every_shipped_config_loads_and_validates(path):
     ("model.adaln_slots", None, "config.model.adaln_slots: must be True or False"),
     ("model.local_attention", None, "config.model.local_attention: must be True or False"),
     ("data.synthetic_min_frames", 3, "config.data.synthetic_min_frames: must be >= 5, got 3"),
+    ("model.clip_position_pairs", None, "config.model.clip_position_pairs: must be True or False, got None"),
+    ("diffusion.high_noise_rate", 1.5, "config.diffusion.high_noise_rate: must be in [0, 1], got 1.5"),
+    ("diffusion.high_noise_min", 1.0, "config.diffusion.high_noise_min: must be in [0, 1), got 1.0"),
 ])
 def test_bad_values_name_their_key(key, value, message):
     with pytest.raises(config.ConfigError, match=re.escape(message)):
         config.validate(config.load(TINY, {key: value}))
+
+
+def test_clip_position_pairs_need_clip_position():
+    cfg = config.load(TINY, {"model.clip_position": False, "model.clip_position_pairs": True})
+    with pytest.raises(config.ConfigError, match=re.escape(
+            "config.model.clip_position_pairs: multiplies model.clip_position's per-axis features")):
+        config.validate(cfg)
 
 
 def test_unknown_key_is_refused():

@@ -385,3 +385,21 @@ def test_errors_name_what_is_wrong():
         sample_flow(gaussian_velocity, _noise(0), num_steps=2, shift=jnp.ones((B,)))
     with pytest.raises(ValueError, match="x_cond"):
         sample_flow(gaussian_velocity, _noise(0), num_steps=2, cond_mask=jnp.zeros((B, S), bool))
+
+
+def test_high_noise_mixture_redraws_its_share_in_the_high_range_and_rate_zero_changes_nothing():
+    segment_ids = _segments()
+    cond_mask = jnp.zeros((B, S), bool).at[0, 3].set(True)
+    kw = dict(max_segments=3, base_tokens=4)
+    key = jax.random.key(7)
+    np.testing.assert_array_equal(D.per_token_timesteps(key, segment_ids, cond_mask, **kw),
+                                  D.per_token_timesteps(key, segment_ids, cond_mask, high_noise_rate=0.0, **kw))
+    t = np.asarray(D.per_token_timesteps(key, segment_ids, cond_mask, high_noise_rate=1.0, high_noise_min=0.8,
+                                         **kw))
+    live = (np.asarray(segment_ids) > 0) & ~np.asarray(cond_mask)
+    assert np.all((t[live] >= 0.8) & (t[live] < 1)) and np.all(t[~live] == 0)
+    assert np.all(t[0, :3] == t[0, 0]), "still one t per segment"
+    draws = np.asarray(D.high_noise_mixture(jax.random.key(1), jnp.full((20_000,), 0.3), 0.25, 0.9))
+    high = draws != np.float32(0.3)
+    assert abs(high.mean() - 0.25) < 0.015
+    assert draws[high].min() >= 0.9 and draws[high].max() < 1 and abs(draws[high].mean() - 0.95) < 0.005

@@ -101,3 +101,30 @@ def test_compile_only_reports_memory_of_the_compiled_step():
     memory = info["memory_bytes"]
     assert memory["argument_size_in_bytes"] > 0 and memory["temp_size_in_bytes"] >= 0
     assert info["tokens_per_step"] == 2 * 64
+
+
+def test_clip_position_pairs_and_the_high_noise_share_reach_the_model_and_the_loss(monkeypatch):
+    import flax.linen as nn
+    from soraax.clip_position import num_features
+    from soraax.models import build
+    cfg = micro_config(model__clip_position_pairs=True, diffusion__high_noise_rate=0.3,
+                       diffusion__high_noise_min=0.8)
+    models = build(cfg)
+    assert models.dit.clip_position and models.dit.clip_position_pairs
+    params = nn.meta.unbox(train.dit_task(cfg).init_params(jax.random.PRNGKey(0)))
+    assert params["dit"]["clip_position_embed"]["kernel"].shape == (num_features(4, pairs=True), cfg.model.width)
+
+    class Drawn(Exception):
+        pass
+
+    def spy(*args, **kwargs):
+        raise Drawn(kwargs)
+
+    monkeypatch.setattr(train.diffusion, "per_token_timesteps", spy)
+    s, l = cfg.seq_len, cfg.text_len
+    batch = {"tokens": np.zeros((2, s, models.dit.patch_dim), np.float32), "coords": np.zeros((2, s, 3), np.int32),
+             "segment_ids": np.ones((2, s), np.int32), "cond_mask": np.zeros((2, s), bool),
+             "text_tokens": np.zeros((2, l), np.int32), "text_segment_ids": np.ones((2, l), np.int32)}
+    with pytest.raises(Drawn) as drawn:
+        train.dit_loss_fn(models, cfg)(params, batch, jax.random.PRNGKey(1))
+    assert drawn.value.args[0]["high_noise_rate"] == 0.3 and drawn.value.args[0]["high_noise_min"] == 0.8
