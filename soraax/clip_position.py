@@ -64,8 +64,8 @@ def clip_position_features(coords_BxSx3, segment_ids_BxS, bands: int = 4, pairs:
     k_1x1x1xK = jnp.arange(1, bands + 1, dtype=jnp.float32).reshape(1, 1, 1, bands)
     angles_BxSx3xK = jnp.pi * fraction_BxSx3[..., None] * k_1x1x1xK
     harmonics_BxSx3x2K = jnp.concatenate([jnp.sin(angles_BxSx3xK), jnp.cos(angles_BxSx3xK)], axis=-1)
-    features = jnp.concatenate([harmonics_BxSx3x2K, jnp.log(extents)[..., None]], axis=-1)
-    features = [features.reshape(*features.shape[:2], num_features(bands))]
+    per_axis_BxSx3x2Kp1 = jnp.concatenate([harmonics_BxSx3x2K, jnp.log(extents)[..., None]], axis=-1)
+    features = [per_axis_BxSx3x2Kp1.reshape(*per_axis_BxSx3x2Kp1.shape[:2], num_features(bands))]
     if pairs:
         for a, b in AXIS_PAIRS:
             products = jnp.einsum("bsi,bsj->bsij", harmonics_BxSx3x2K[:, :, a], harmonics_BxSx3x2K[:, :, b])
