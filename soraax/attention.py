@@ -6,7 +6,8 @@ ids for the keys it is cross-attention from each clip to its own caption. Id 0 i
 and a query whose segment has no key at all, outputs exactly zero, and its gradients are finite (zero).
 
 Backends (`impl`):
-  xla      the [B, H, Sq, Skv] logits and mask, materialised; the reference, and fastest for short rows.
+  xla      the [B, H, Sq, Skv] logits and mask, materialised, with a closed-form backward; the
+           reference, and fastest for short rows.
   chunked  FlashAttention-2 in plain JAX: query blocks x key blocks with an online softmax and a custom VJP
            that recomputes the blocks, so neither pass holds more than [B, H, block_q, block_kv] logits.
            For long rows on CPU/GPU.
@@ -121,10 +122,56 @@ def _masked_logits(q_BxHxQxD, k_BxHxKxD, mask_BxQxK):
 def _xla_attention(q_BxQxHxD, k_BxKxHxD, v_BxKxHxD, q_segment_ids_BxQ, kv_segment_ids_BxK):
     q_BxHxQxD, k_BxHxKxD, v_BxHxKxD = (x.transpose(0, 2, 1, 3) for x in (q_BxQxHxD, k_BxKxHxD, v_BxKxHxD))
     mask_BxQxK = segment_mask(q_segment_ids_BxQ, kv_segment_ids_BxK)
+    out_BxHxQxD = _dense_attention(q_BxHxQxD, k_BxHxKxD, v_BxHxKxD, mask_BxQxK)
+    return out_BxHxQxD.transpose(0, 2, 1, 3).astype(q_BxQxHxD.dtype)
+
+
+def _dense_forward(q_BxHxQxD, k_BxHxKxD, v_BxHxKxD, mask_BxQxK):
+    """-> (out float32 [B, H, Q, D], probabilities float32 [B, H, Q, K])."""
     probs_BxHxQxK = masked_probs(_logits(q_BxHxQxD, k_BxHxKxD), mask_BxQxK[:, None])
-    out_BxQxHxD = jnp.einsum("bhqk,bhkd->bqhd", probs_BxHxQxK.astype(v_BxHxKxD.dtype), v_BxHxKxD,
+    out_BxHxQxD = jnp.einsum("bhqk,bhkd->bhqd", probs_BxHxQxK.astype(v_BxHxKxD.dtype), v_BxHxKxD,
                              preferred_element_type=jnp.float32)
-    return out_BxQxHxD.astype(q_BxQxHxD.dtype)
+    return out_BxHxQxD, probs_BxHxQxK
+
+
+@jax.custom_vjp
+def _dense_attention(q_BxHxQxD, k_BxHxKxD, v_BxHxKxD, mask_BxQxK):
+    """Materialised masked attention, float32 out, with a hand-written backward.
+
+    Autodiff of the softmax keeps and revisits the where, max, exp, sum and divide of every [Q, K] logit;
+    the closed form below reads the saved probabilities once for dV and once for dS = P * (dP - dO . O),
+    the same gradient. Measured on 2 CPU cores: attention alone (8 rows x 6 heads x 256^2, forward +
+    backward) 61 -> 41-49 ms; the whole DiT-S/2 train step 1.12-1.14x and the tiny one 1.09x faster
+    (benchmarks/README.md). Masked and padding entries have P = 0, so their dS is exactly 0: no NaN.
+    """
+    return _dense_forward(q_BxHxQxD, k_BxHxKxD, v_BxHxKxD, mask_BxQxK)[0]
+
+
+def _dense_fwd(q_BxHxQxD, k_BxHxKxD, v_BxHxKxD, mask_BxQxK):
+    out_BxHxQxD, probs_BxHxQxK = _dense_forward(q_BxHxQxD, k_BxHxKxD, v_BxHxKxD, mask_BxQxK)
+    return out_BxHxQxD, (q_BxHxQxD, k_BxHxKxD, v_BxHxKxD, probs_BxHxQxK, out_BxHxQxD)
+
+
+def _dense_bwd(residuals, dout_BxHxQxD):
+    q_BxHxQxD, k_BxHxKxD, v_BxHxKxD, probs_BxHxQxK, out_BxHxQxD = residuals
+    f32 = jnp.float32
+    scale = 1.0 / math.sqrt(q_BxHxQxD.shape[-1])
+    dv_BxHxKxD = jnp.einsum("bhqk,bhqd->bhkd", probs_BxHxQxK.astype(v_BxHxKxD.dtype),
+                            dout_BxHxQxD.astype(v_BxHxKxD.dtype), preferred_element_type=f32)
+    dp_BxHxQxK = jnp.einsum("bhqd,bhkd->bhqk", dout_BxHxQxD.astype(v_BxHxKxD.dtype), v_BxHxKxD,
+                            preferred_element_type=f32)
+    # delta_q = sum_k P_qk dP_qk = dO_q . O_q: the softmax Jacobian's diagonal correction.
+    delta_BxHxQx1 = (dout_BxHxQxD * out_BxHxQxD).sum(axis=-1, keepdims=True)
+    dlogits_BxHxQxK = probs_BxHxQxK * (dp_BxHxQxK - delta_BxHxQx1) * scale
+    dq_BxHxQxD = jnp.einsum("bhqk,bhkd->bhqd", dlogits_BxHxQxK.astype(k_BxHxKxD.dtype), k_BxHxKxD,
+                            preferred_element_type=f32)
+    dk_BxHxKxD = jnp.einsum("bhqk,bhqd->bhkd", dlogits_BxHxQxK.astype(q_BxHxQxD.dtype), q_BxHxQxD,
+                            preferred_element_type=f32)
+    return (dq_BxHxQxD.astype(q_BxHxQxD.dtype), dk_BxHxKxD.astype(k_BxHxKxD.dtype),
+            dv_BxHxKxD.astype(v_BxHxKxD.dtype), None)
+
+
+_dense_attention.defvjp(_dense_fwd, _dense_bwd)
 
 
 # ------------------------------------------------------------------------------------------ chunked

@@ -137,6 +137,21 @@ def test_rope_makes_positions_relative(setup):
     assert float(jnp.abs(_alone(model, params, swapped) - _alone(model, params, clip)).max()) > 1e-3
 
 
+def test_rope_rotates_each_pair_by_its_angle():
+    # The definition, pair by pair in float64: (x[2i], x[2i+1]) turned by angle i (Wan's interleaved pairs,
+    # which its weights need); the fused table form must equal it.
+    x = np.asarray(jax.random.normal(jax.random.PRNGKey(0), (2, 5, 3, 12)), np.float64)
+    angles = np.asarray(jax.random.uniform(jax.random.PRNGKey(1), (2, 5, 6), maxval=7.0), np.float64)
+    cos, sin = np.cos(angles)[:, :, None], np.sin(angles)[:, :, None]
+    want = np.empty_like(x)
+    want[..., 0::2] = x[..., 0::2] * cos - x[..., 1::2] * sin
+    want[..., 1::2] = x[..., 0::2] * sin + x[..., 1::2] * cos
+    got = dit.apply_rope(jnp.asarray(x, jnp.float32), jnp.asarray(angles, jnp.float32))
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    # Rotations keep each pair's length.
+    np.testing.assert_allclose(np.linalg.norm(np.asarray(got), axis=-1), np.linalg.norm(x, axis=-1), rtol=1e-5)
+
+
 def test_zero_init_outputs_zero_velocity():
     row = _row([_clip(jax.random.PRNGKey(1), (1, 2, 2), 2, 0.5)], 6, 3)
     model = _model()
