@@ -18,7 +18,9 @@ The architectures are the same DiT except where soraax's is what packing needs: 
 (each clip its own timestep) rather than per sample, and cross-attention to the clip's caption (cached text
 states, `--text_len` tokens) rather than a class embedding. Both cost soraax FLOPs the peer does not do, so
 FLOP/s (each side's own count: soraax.flops analytically, torch's FlopCounterMode) are reported beside
-tokens/sec.
+tokens/sec. Each same-shapes line also carries `soraax_pooled_only`: soraax with `model.cross_attn=False`
+and `model.pooled_text=True`, the caption's mean embedding added to the timestep's as DiT adds its class
+embedding: the peer's architecture, so the same work.
 
 torch is never a soraax dependency: the torch side runs in a subprocess of `--torch_python` (default
 /work/refenv/bin/python if it exists, else this interpreter); if that one cannot import torch and diffusers,
@@ -149,14 +151,20 @@ def main(argv=None):
     for name in sizes:
         common.log(f"[peer] soraax DiT-{name}/2: {args.batch} x {tokens} tokens")
         cfg = config(name, batch_size=args.batch, seq_len=tokens, max_segments=1, **{"data.token_budget": tokens})
-        ours = soraax_step(cfg, clips_of(cfg, [(1, args.side, args.side)] * 2 * args.batch, args.text_len // 2),
-                           args.steps, args.warmup, peak)
+        grids = [(1, args.side, args.side)] * 2 * args.batch
+        ours = soraax_step(cfg, clips_of(cfg, grids, args.text_len // 2), args.steps, args.warmup, peak)
+        common.log(f"[peer] soraax DiT-{name}/2, pooled caption only (the peer's architecture)")
+        pooled_cfg = config(name, batch_size=args.batch, seq_len=tokens, max_segments=1,
+                            **{"data.token_budget": tokens, "model.cross_attn": False, "model.pooled_text": True})
+        pooled = soraax_step(pooled_cfg, clips_of(pooled_cfg, grids, args.text_len // 2), args.steps, args.warmup, peak)
         theirs = torch_results.get(name)
         if theirs:
             theirs["mfu"] = theirs["achieved_flops_per_sec"] / peak
+        keys = ("tokens_per_sec", "achieved_flops_per_sec")
         common.emit({**base, "comparison": "same_shapes", "size": name, "batch": args.batch,
-                     "tokens_per_sample": tokens, "soraax": ours, "torch": theirs,
-                     "soraax_over_torch": {k: ratio(ours, theirs, k) for k in ("tokens_per_sec", "achieved_flops_per_sec")}})
+                     "tokens_per_sample": tokens, "soraax": ours, "soraax_pooled_only": pooled, "torch": theirs,
+                     "soraax_over_torch": {k: ratio(ours, theirs, k) for k in keys},
+                     "soraax_pooled_only_over_torch": {k: ratio(pooled, theirs, k) for k in keys}})
 
     for name in mixed:
         slots = args.batch * tokens

@@ -48,6 +48,7 @@ def get_config(arg=None):
     c.model.text_encoder_path = ""       # a local Hugging Face folder; empty with bert: the bundled MiniLM
     c.model.text_cache = False           # frozen encoders: encode each caption once in the pipeline
     c.model.pooled_text = False          # True: the caption's mean embedding also joins adaLN (SD3)
+    c.model.cross_attn = True            # False: pooled_text alone conditions (DiT's class embedding); needs it
     c.model.adaln_slots = True           # adaLN per (clip, t) of a row, not per token: same function, fewer FLOPs
     c.model.local_attention = True       # self-attention skips blocks no clip reaches (data.token_budget); exact
 

@@ -47,6 +47,7 @@ def get_config(arg=None):
     c.model.text_encoder_path = ""       # a local Hugging Face folder; empty with bert: the bundled MiniLM
     c.model.text_cache = True            # frozen encoders: encode each caption once in the pipeline (3x faster steps)
     c.model.pooled_text = True           # the caption's mean embedding also joins adaLN (SD3)
+    c.model.cross_attn = True            # False: the pooled caption alone conditions (DiT's class embedding)
     c.model.adaln_slots = True           # adaLN per (clip, t) of a row, not per token: same function, fewer FLOPs
     c.model.local_attention = True       # self-attention skips blocks no clip reaches (data.token_budget); exact
     c.model.clip_position = True         # each token's fractional place in its clip: RoPE alone is relative, and

@@ -216,7 +216,11 @@ def _validate_types_and_ranges(cfg) -> None:
     for key in ("diffusion.t_mean", "diffusion.guidance"):
         _number(cfg, key)
     _bool(cfg, "model.scan_layers")
-    _bool(cfg, "model.pooled_text", default=False)
+    pooled = _bool(cfg, "model.pooled_text", default=False)
+    if not _bool(cfg, "model.cross_attn", default=True):
+        _require(pooled, "model.cross_attn",
+                 "False leaves model.pooled_text as the caption's only way in; with both off the model "
+                 "never sees its caption: set model.pooled_text=True")
     _bool(cfg, "model.adaln_slots", default=True)
     _bool(cfg, "model.local_attention", default=True)
     _bool(cfg, "model.clip_position", default=False)

@@ -63,7 +63,8 @@ def dit_train_flops(cfg, params, frozen=None, text_module=None) -> dict[str, flo
     blocking = applies(m.attn_impl, s, s, int(cfg.data.token_budget) if m.get("local_attention", True) else 0)
     if blocking is not None:
         keys = (2 * blocking[1] + 1) * blocking[0]
-    forward += 4.0 * rows * m.depth * m.width * (s * keys + s * l)   # self- and cross-attention
+    cross_keys = l if m.get("cross_attn", True) else 0
+    forward += 4.0 * rows * m.depth * m.width * (s * keys + s * cross_keys)   # self- and cross-attention
     if text_module is None:
         from soraax.models import build
         text_module = build(cfg).text_encoder

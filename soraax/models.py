@@ -64,6 +64,7 @@ def build(cfg: ml_collections.ConfigDict, latent_mean=0.0, latent_std=1.0) -> Mo
     lowres_dim = patch_dim if cfg.task == "sr" else 0
     dit = DiT(patch_dim=patch_dim, lowres_dim=lowres_dim, width=m.width, depth=m.depth,
               heads=m.heads, mlp_ratio=m.mlp_ratio, pooled_text=m.get("pooled_text", False),
+              cross_attn=m.get("cross_attn", True),
               attn_impl=m.attn_impl, remat_policy=m.remat_policy, scan_layers=m.scan_layers, dtype=dtype,
               # Wan 2.1's switches (soraax/dit.py); .get: configs without them are the DiT they always were.
               mlp_dim=m.get("mlp_dim", 0), freq_dim=m.get("freq_dim", 256),

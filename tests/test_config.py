@@ -54,6 +54,7 @@ def test_every_shipped_config_loads_and_validates(path):
     ("data.manifest", None, "config.data.manifest: must be a str"),
     ("model.scan_layers", None, "config.model.scan_layers: must be True or False"),
     ("model.adaln_slots", None, "config.model.adaln_slots: must be True or False"),
+    ("model.cross_attn", None, "config.model.cross_attn: must be True or False"),
     ("model.local_attention", None, "config.model.local_attention: must be True or False"),
     ("data.synthetic_min_frames", 3, "config.data.synthetic_min_frames: must be >= 5, got 3"),
     ("model.clip_position_pairs", None, "config.model.clip_position_pairs: must be True or False, got None"),
@@ -63,6 +64,13 @@ def test_every_shipped_config_loads_and_validates(path):
 def test_bad_values_name_their_key(key, value, message):
     with pytest.raises(config.ConfigError, match=re.escape(message)):
         config.validate(config.load(TINY, {key: value}))
+
+
+def test_a_model_without_cross_attention_needs_the_pooled_caption():
+    config.validate(config.load(TINY, {"model.cross_attn": False, "model.pooled_text": True}))
+    with pytest.raises(config.ConfigError, match=re.escape(
+            "config.model.cross_attn: False leaves model.pooled_text as the caption's only way in")):
+        config.validate(config.load(TINY, {"model.cross_attn": False, "model.pooled_text": False}))
 
 
 def test_clip_position_pairs_need_clip_position():

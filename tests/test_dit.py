@@ -105,6 +105,24 @@ def test_pooled_text_reaches_the_output(setup):
     assert not np.allclose(apply(params, **row), apply(params, **shifted), atol=1e-4)
 
 
+def test_pooled_caption_alone_conditions_exactly_per_clip(setup):
+    # cross_attn=False: the caption enters only through its mean in adaLN (DiT's class embedding): each
+    # packed clip still gets its own caption's conditioning and nothing of its neighbours'.
+    _, _, clips = setup
+    model = _model(pooled_text=True, cross_attn=False)
+    row = _row(clips, 48, 20)
+    params = perturb(nn.meta.unbox(jax.jit(model.init)(jax.random.PRNGKey(7), **row)), jax.random.PRNGKey(8), 0.2)
+    assert not any("cross_attn" in "/".join(map(str, path))
+                   for path, _ in jax.tree_util.tree_leaves_with_path(params))
+    packed, start = jax.jit(model.apply)(params, **row)[0], 0
+    for clip in clips:
+        n = clip["tokens"].shape[0]
+        np.testing.assert_allclose(packed[start:start + n], _alone(model, params, clip), atol=1e-5, rtol=1e-5)
+        start += n
+    recaptioned = {**clips[0], "text": clips[0]["text"] + 1.0}
+    assert not np.allclose(_alone(model, params, recaptioned), _alone(model, params, clips[0]), atol=1e-4)
+
+
 def test_chunked_attention_matches_xla(setup):
     model, params, clips = setup
     row = _row(clips, 48, 20)

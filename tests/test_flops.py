@@ -1,14 +1,16 @@
 """The analytic FLOP count agrees with XLA's own count of the compiled step (layers unrolled so XLA sees all)."""
 import jax
 import jax.numpy as jnp
+import pytest
 
 from soraax import flops, sharding, train
 from helpers import micro_config
 
 
-def test_analytic_flops_match_xla_cost_analysis():
+@pytest.mark.parametrize("cross_attn", [True, False], ids=["cross-attention", "pooled-caption-only"])
+def test_analytic_flops_match_xla_cost_analysis(cross_attn):
     cfg = micro_config(model__scan_layers=False, model__width=64, model__depth=2, model__heads=4,
-                       seq_len=128, text_len=64)
+                       seq_len=128, text_len=64, model__cross_attn=cross_attn, model__pooled_text=True)
     task = train.dit_task(cfg)
     tx, schedule = train.make_optimizer(cfg, 1e-3, 10)
     _, _, abstract = train.create_state(cfg, task, sharding.make_mesh(cfg.mesh))
