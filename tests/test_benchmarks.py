@@ -97,3 +97,44 @@ def test_peer_tiny():
 def test_peer_says_when_torch_is_missing():
     message = peer.torch_available(os.path.join(ROOT, "no", "such", "python"))
     assert message and "no/such/python" in message
+
+
+def test_step_profile_names_ops_after_the_model_code():
+    import step_profile
+    assert step_profile.part_of(
+        "jit(train_step)/transpose(jvp(DiT))/while/body/closed_call/blocks_3/mlp/fc1/dot_general") == (
+        "backward", "DiT/blocks/mlp/fc1")
+    assert step_profile.part_of("jit(train_step)/jvp(DiT)/blocks/self_attn/query/dot_general") == (
+        "forward", "DiT/blocks/self_attn/query")
+    assert step_profile.part_of("jit(train_step)/cond/branch_1_fun/add")[0] == "other"
+    hlo = """HloModule m
+
+%fused_computation.1 (param_0: f32[4,8], param_1: f32[8,2]) -> f32[4,2] {
+  %param_0 = f32[4,8]{1,0} parameter(0)
+  %param_1 = f32[8,2]{1,0} parameter(1)
+  ROOT %dot.1 = f32[4,2]{1,0} dot(%param_0, %param_1), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+
+ENTRY %main (a: f32[4,8], b: f32[8,2]) -> f32[4,2] {
+  %a = f32[4,8]{1,0} parameter(0)
+  %b = f32[8,2]{1,0} parameter(1)
+  %ynn_fusion.1 = f32[4,2]{1,0} fusion(%a, %b), kind=kCustom, calls=%fused_computation.1, metadata={op_name="jit(f)/jvp(DiT)/blocks/mlp/fc1/dot_general"}
+  ROOT %add.2 = f32[4,2]{1,0} add(%ynn_fusion.1, %ynn_fusion.1), metadata={op_name="jit(f)/jvp(DiT)/blocks/add"}
+}
+"""
+    ops = step_profile.hlo_ops(hlo)
+    assert ops["ynn_fusion.1"]["matmul"] and not ops["add.2"]["matmul"]
+    events = [{"name": "ynn_fusion.1", "dur": 3000.0}, {"name": "add.2", "dur": 1000.0},
+              {"name": "ThunkExecutor::Execute", "dur": 9000.0}]   # runtime bookkeeping: not an op
+    summary = step_profile.summarise_ops(events, ops, steps=1, top=5)
+    assert summary["op_ms"] == 4.0 and summary["matmul_share"] == 0.75
+    assert summary["parts"][0] == {"pass": "forward", "part": "DiT/blocks/mlp/fc1", "ms": 3.0, "share": 0.75}
+
+
+@pytest.mark.slow
+def test_step_profile_tiny():
+    (record,) = run_script("step_profile.py")
+    assert record["benchmark"] == "step_profile" and record["op_ms"] > 0 and 0 < record["matmul_share"] < 1
+    assert abs(sum(p["share"] for p in record["parts"]) - 1.0) < 1e-6
+    assert any(p["part"].startswith("DiT/blocks") for p in record["parts"])
+    assert all(op["from"] for op in record["top_ops"])   # every listed op is named back to its source
