@@ -7,14 +7,15 @@ clips), runs it once untimed, then `--steps` times under `jax.profiler.trace`, a
 writes: every executed op (a fusion, a matmul, a copy) with its duration. Each op is named back to the model
 code that made it through the compiled HLO's `op_name` metadata, so the report says "DiT/blocks/mlp,
 backward, 310 ms", not "ynn_fusion.57". One JSON line:
-  * `step_s`: the profiled steps' mean wall time; `op_ms`: the ops' durations summed per step (on 2 cores
+  * `step_s`: the profiled steps' mean wall time (under the profiler); `op_ms`: the ops' durations summed per step (on 2 cores
     XLA may run two small ops at once, so this can exceed the wall time by a little);
-  * `matmul_share`: the share of op time in matmuls (dots and the fusions around them), the rest being
-    elementwise work, copies, reductions and gathers: what a faster kernel cannot fix;
+  * `matmul_share`: the share of op time in matmuls (dots, and fusions that hold one); the rest is
+    elementwise work, copies, reductions and gathers, which a faster GEMM would not shorten;
   * `parts`: op time per (pass, part), the part being the module path with layer indices folded (a scanned
     or unrolled stack reads `blocks`), the pass `forward`, `backward` or `other` (optimizer, loss, EMA);
   * `top_ops`: the slowest ops, each with its shape and where it came from.
-The layer stack is profiled as configured; `--config.model.scan_layers=False` shows each layer's ops apart.
+The layer stack is profiled as configured; with `--config.model.scan_layers=False` XLA compiles each layer's
+ops apart, so `top_ops` names the layer (`blocks_3/...`) and nothing hides inside a loop body.
 """
 
 from __future__ import annotations
