@@ -362,6 +362,18 @@ def fake_clip(grid, patch_dim: int, caption_len: int, rng: np.random.Generator, 
     return clip
 
 
+def fake_clips(cfg, grids, caption_lengths, *, seed: int = 0) -> list[dict]:
+    """`fake_clip` for each (t, h, w) patch grid and caption token count, with the config's patch dim, and
+    cached text states of its encoder's width when the config caches text."""
+    from soraax import patches
+    from soraax.models import build
+    from soraax.train import caches_text
+    patch_dim = patches.patch_dim(tuple(cfg.model.patch_size), cfg.vae.latent_channels)
+    width = build(cfg).text.width if caches_text(cfg) else None
+    rng = np.random.default_rng(seed)
+    return [fake_clip(g, patch_dim, n, rng, width) for g, n in zip(grids, caption_lengths, strict=True)]
+
+
 def pack(cfg, clips: list[dict], *, rows: int | None = None, seed: int = 0) -> list[dict]:
     """soraax's packer (config.data.packing, best fit by default) over a finite list of clips: every full
     batch of `rows` (default config.batch_size) packed rows, as numpy dicts."""

@@ -39,18 +39,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
 
-def _clips(cfg, grids, caption_lengths, seed: int):
-    import numpy as np
-    from soraax import patches
-    from soraax.models import build
-    from soraax.train import caches_text
-    models = build(cfg)
-    patch_dim = patches.patch_dim(tuple(cfg.model.patch_size), cfg.vae.latent_channels)
-    width = models.text.width if caches_text(cfg) else None
-    rng = np.random.default_rng(seed)
-    return [common.fake_clip(g, patch_dim, n, rng, width) for g, n in zip(grids, caption_lengths)]
-
-
 def _rows(clip_groups, seq_len: int, text_len: int):
     """Rows built by concatenating each group's clips (segment ids 1, 2, ...), padded to the lengths."""
     import numpy as np
@@ -128,7 +116,7 @@ def main(argv=None):
     cfg = common.load_config(args.config, overrides, tiny=args.tiny)
     shapes = common.native_shapes(cfg, args.clips, seed=args.seed, real_share=args.real_share)
     grids = [common.patch_grid(cfg, s) for s in shapes]
-    clips = _clips(cfg, grids, common.caption_lengths(cfg, len(grids), seed=args.seed), args.seed)
+    clips = common.fake_clips(cfg, grids, common.caption_lengths(cfg, len(grids), seed=args.seed), seed=args.seed)
     tokens = [len(c["tokens"]) for c in clips]
     box = tuple(int(v) for v in np.max(np.asarray(grids), axis=0))
     common.log(f"[packing] {len(clips)} clips, {len(set(grids))} grid shapes, {min(tokens)}..{max(tokens)} tokens "

@@ -135,12 +135,7 @@ def main(argv=None):
                                   tiny=args.tiny)
 
     def clips_of(cfg, grids, caption_len):
-        from soraax import patches, train
-        from soraax.models import build
-        rng = np.random.default_rng(0)
-        patch_dim = patches.patch_dim(tuple(cfg.model.patch_size), cfg.vae.latent_channels)
-        width = build(cfg).text.width if train.caches_text(cfg) else None
-        return [common.fake_clip(g, patch_dim, caption_len, rng, width) for g in grids]
+        return common.fake_clips(cfg, grids, [caption_len] * len(grids))
 
     def ratio(a, b, key):
         return a[key] / b[key] if b and b.get(key) else None
@@ -150,12 +145,12 @@ def main(argv=None):
             "torch_python": args.torch_python, "torch_status": missing or "ok"}
     for name in sizes:
         common.log(f"[peer] soraax DiT-{name}/2: {args.batch} x {tokens} tokens")
-        cfg = config(name, batch_size=args.batch, seq_len=tokens, max_segments=1, **{"data.token_budget": tokens})
+        shape = dict(batch_size=args.batch, seq_len=tokens, max_segments=1, **{"data.token_budget": tokens})
+        cfg = config(name, **shape)
         grids = [(1, args.side, args.side)] * 2 * args.batch
         ours = soraax_step(cfg, clips_of(cfg, grids, args.text_len // 2), args.steps, args.warmup, peak)
         common.log(f"[peer] soraax DiT-{name}/2, pooled caption only (the peer's architecture)")
-        pooled_cfg = config(name, batch_size=args.batch, seq_len=tokens, max_segments=1,
-                            **{"data.token_budget": tokens, "model.cross_attn": False, "model.pooled_text": True})
+        pooled_cfg = config(name, **shape, **{"model.cross_attn": False, "model.pooled_text": True})
         pooled = soraax_step(pooled_cfg, clips_of(pooled_cfg, grids, args.text_len // 2), args.steps, args.warmup, peak)
         theirs = torch_results.get(name)
         if theirs:

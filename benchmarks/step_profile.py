@@ -7,8 +7,8 @@ clips), runs it once untimed, then `--steps` times under `jax.profiler.trace`, a
 writes: every executed op (a fusion, a matmul, a copy) with its duration. Each op is named back to the model
 code that made it through the compiled HLO's `op_name` metadata, so the report says "DiT/blocks/mlp,
 backward, 310 ms", not "ynn_fusion.57". One JSON line:
-  * `step_s`: the profiled steps' mean wall time (under the profiler); `op_ms`: the ops' durations summed per step (on 2 cores
-    XLA may run two small ops at once, so this can exceed the wall time by a little);
+  * `step_s`: the profiled steps' mean wall time (under the profiler); `op_ms`: the ops' durations summed
+    per step (on 2 cores XLA may run two small ops at once, so this can exceed the wall time by a little);
   * `matmul_share`: the share of op time in matmuls (dots, and fusions that hold one); the rest is
     elementwise work, copies, reductions and gathers, which a faster GEMM would not shorten;
   * `parts`: op time per (pass, part), the part being the module path with layer indices folded (a scanned
@@ -120,18 +120,12 @@ def main(argv=None):
 
     import time
     import jax
-    from soraax import patches, train
-    from soraax.models import build
-    import numpy as np
+    from soraax import train
 
     common.use_compilation_cache()
     cfg = common.load_config(args.config, overrides, tiny=args.tiny)
-    patch_dim = patches.patch_dim(tuple(cfg.model.patch_size), cfg.vae.latent_channels)
-    width = build(cfg).text.width if train.caches_text(cfg) else None
-    rng = np.random.default_rng(0)
     grids = [common.patch_grid(cfg, s) for s in common.native_shapes(cfg, args.clips)]
-    clips = [common.fake_clip(g, patch_dim, n, rng, width)
-             for g, n in zip(grids, common.caption_lengths(cfg, len(grids)))]
+    clips = common.fake_clips(cfg, grids, common.caption_lengths(cfg, len(grids)))
     batches = common.pack(cfg, clips)
     if not batches:
         raise SystemExit(f"step_profile: {len(clips)} clips make no full batch of {cfg.batch_size} x {cfg.seq_len}")
