@@ -156,10 +156,10 @@ def _dense_bwd(residuals, dout_BxHxQxD):
     q_BxHxQxD, k_BxHxKxD, v_BxHxKxD, probs_BxHxQxK, out_BxHxQxD = residuals
     f32 = jnp.float32
     scale = 1.0 / math.sqrt(q_BxHxQxD.shape[-1])
-    dv_BxHxKxD = jnp.einsum("bhqk,bhqd->bhkd", probs_BxHxQxK.astype(v_BxHxKxD.dtype),
-                            dout_BxHxQxD.astype(v_BxHxKxD.dtype), preferred_element_type=f32)
-    dp_BxHxQxK = jnp.einsum("bhqd,bhkd->bhqk", dout_BxHxQxD.astype(v_BxHxKxD.dtype), v_BxHxKxD,
+    dout_in_v_BxHxQxD = dout_BxHxQxD.astype(v_BxHxKxD.dtype)
+    dv_BxHxKxD = jnp.einsum("bhqk,bhqd->bhkd", probs_BxHxQxK.astype(v_BxHxKxD.dtype), dout_in_v_BxHxQxD,
                             preferred_element_type=f32)
+    dp_BxHxQxK = jnp.einsum("bhqd,bhkd->bhqk", dout_in_v_BxHxQxD, v_BxHxKxD, preferred_element_type=f32)
     # delta_q = sum_k P_qk dP_qk = dO_q . O_q: the softmax Jacobian's diagonal correction.
     delta_BxHxQx1 = (dout_BxHxQxD * out_BxHxQxD).sum(axis=-1, keepdims=True)
     dlogits_BxHxQxK = probs_BxHxQxK * (dp_BxHxQxK - delta_BxHxQx1) * scale
