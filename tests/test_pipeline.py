@@ -96,6 +96,20 @@ def test_resize_preserves_flat_colour_and_range():
     np.testing.assert_allclose(out, 200 / 255 * 2 - 1, atol=1e-5)
 
 
+def test_resizing_leaves_numpys_blas_on_one_thread_and_the_values_unchanged():
+    # The pipeline's small matmuls run beside XLA's threads: OpenBLAS's spinning threads cost the tiny
+    # default's training a third of its steps (pipeline._one_blas_thread).
+    import threadpoolctl
+    video = np.random.default_rng(0).integers(0, 256, (3, 37, 53, 3), dtype=np.uint8)
+    rows, cols = pipeline._resize_matrix(37, 16), pipeline._resize_matrix(53, 24)
+    expected = np.einsum("yh,thwc,xw->tyxc", rows.astype(np.float64),
+                         video.astype(np.float64) * (2 / 255) - 1, cols.astype(np.float64))
+    out = pipeline.resize_video(video, 16, 24)
+    np.testing.assert_allclose(out, expected, atol=1e-5)
+    blas = [lib for lib in threadpoolctl.threadpool_info() if lib["user_api"] == "blas"]
+    assert blas and all(lib["num_threads"] == 1 for lib in blas)
+
+
 def _write_manifest(folder, *, clips: int, frames: int, broken: bool = False) -> str:
     """A manifest of small random mp4 clips (and one undecodable file if `broken`) in `folder`."""
     rng = np.random.default_rng(clips)

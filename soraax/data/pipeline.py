@@ -15,11 +15,14 @@ uninterrupted one would.
 
 from __future__ import annotations
 
+import functools
 import math
+import os
 from typing import Any, Callable
 
 import grain
 import numpy as np
+import threadpoolctl
 from absl import flags
 
 from soraax import cascade, packing, patches
@@ -73,11 +76,29 @@ def _resize_matrix(in_size: int, out_size: int) -> np.ndarray:
     return (weights / weights.sum(axis=1, keepdims=True)).astype(np.float32)
 
 
+@functools.cache
+def _one_blas_thread(pid: int) -> None:
+    """NumPy's BLAS runs on one thread in this process from now on (`pid` keys the cache: a Grain worker
+    process applies it once for itself).
+
+    The pipeline's matmuls are small (a clip's resize) and run from several pipeline threads while XLA's own
+    threads run the VAE encode or the train step. OpenBLAS would give each call its threads, which spin
+    waiting for work after it, against each other and against XLA: on 2 cores the tiny default's loader ran
+    1.54x faster with one BLAS thread (7233 -> 11117 real tokens/s) and its training 1.32-1.47x more steps a
+    second, with bit-identical losses (benchmarks/README.md, 2026-12-03).
+    """
+    del pid
+    threadpoolctl.threadpool_limits(limits=1, user_api="blas")
+
+
 def resize_video(video_uint8_THWC: np.ndarray, height: int, width: int) -> np.ndarray:
-    """uint8 [T, H, W, 3] -> float32 [T, height, width, 3] in [-1, 1], antialiased bilinear."""
+    """uint8 [T, H, W, 3] -> float32 [T, height, width, 3] in [-1, 1], antialiased bilinear.
+
+    The first call in a process sets NumPy's BLAS to one thread for the process (`_one_blas_thread`)."""
     video = video_uint8_THWC.astype(np.float32) * (2.0 / 255.0) - 1.0
     if video.shape[1:3] == (height, width):
         return video
+    _one_blas_thread(os.getpid())
     rows = _resize_matrix(video.shape[1], height)
     cols = _resize_matrix(video.shape[2], width)
     # Rows of the resize matrices sum to 1 only to rounding: a white pixel can come out at 1 + 1 ulp.
