@@ -153,6 +153,8 @@ def load_config(path: str, overrides: dict | None = None, *, tiny: bool = False,
     from soraax import config as config_lib
     base = config_lib.load(path)
     merged = dict(TINY_OVERRIDES) if tiny else {}
+    if tiny and "text_layers" in base.get("model", {}):
+        merged["model.text_layers"] = (-1,)  # the byte encoder's one output (configs/tiny.py reads two of MiniLM's)
     for key, value in (overrides or {}).items():
         node = base
         for part in key.split("."):

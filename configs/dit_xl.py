@@ -47,6 +47,7 @@ def get_config(arg=None):
     c.model.text_encoder = "bytes"      # bytes (trained) | bert | t5 (pretrained, frozen; soraax/text/encoders.py)
     c.model.text_encoder_path = ""       # a local Hugging Face folder; empty with bert: the bundled MiniLM
     c.model.text_cache = False           # frozen encoders: encode each caption once in the pipeline
+    c.model.text_layers = (-1,)          # bert: hidden states fed to the DiT, concatenated (0: embeddings, -1: last)
     c.model.pooled_text = False          # True: the caption's mean embedding also joins adaLN (SD3)
     c.model.cross_attn = True            # False: pooled_text alone conditions (DiT's class embedding); needs it
     c.model.adaln_slots = True           # adaLN per (clip, t) of a row, not per token: same function, fewer FLOPs

@@ -46,6 +46,8 @@ def get_config(arg=None):
     c.model.text_encoder = "bert"        # bytes (trained) | bert | t5 (pretrained, frozen; soraax/text/encoders.py)
     c.model.text_encoder_path = ""       # a local Hugging Face folder; empty with bert: the bundled MiniLM
     c.model.text_cache = True            # frozen encoders: encode each caption once in the pipeline (3x faster steps)
+    c.model.text_layers = (0, -1)        # bert: hidden states fed to the DiT, concatenated: MiniLM's last layer all
+                                         # but merges "left" and "right", its embeddings keep them apart
     c.model.pooled_text = True           # the caption's mean embedding also joins adaLN (SD3)
     c.model.cross_attn = True            # False: the pooled caption alone conditions (DiT's class embedding)
     c.model.adaln_slots = True           # adaLN per (clip, t) of a row, not per token: same function, fewer FLOPs

@@ -165,6 +165,12 @@ def _validate_text_encoder(cfg) -> None:
     text_cache = _bool(cfg, "model.text_cache", default=False)
     path = _text(cfg, "model.text_encoder_path", default="")
     _require(not path or os.path.isdir(path), "model.text_encoder_path", f"folder {path!r} does not exist")
+    layers = _value(cfg, "model.text_layers", default=(-1,))
+    _require(isinstance(layers, (tuple, list)) and layers and all(_is_int(i) for i in layers), "model.text_layers",
+             f"must be a non-empty tuple of hidden-state indices (0: the embeddings, -1: the last layer), "
+             f"got {layers!r}")
+    _require(tuple(layers) == (-1,) or kind == "bert", "model.text_layers",
+             f"{tuple(layers)}: only the bert encoder concatenates hidden states; {kind} gives its last layer's, (-1,)")
     if kind == "bytes":
         _require(not path, "model.text_encoder_path",
                  "is for a pretrained encoder (model.text_encoder 'bert' or 't5'); the byte encoder has no weights")
@@ -177,7 +183,8 @@ def _validate_text_encoder(cfg) -> None:
     try:
         text = build_text_model(m, text_len=cfg.text_len, dtype=m.dtype, default_path=wan_text_encoder_path(cfg))
     except (FileNotFoundError, ValueError, KeyError, WeightsError) as error:
-        raise ConfigError(f"config.model.text_encoder={kind!r}: {error}") from error
+        key = "model.text_layers" if "hidden state" in str(error) else "model.text_encoder"
+        raise ConfigError(f"config.{key}={_value(cfg, key, default=None)!r}: {error}") from error
     limit = getattr(text.module, "max_positions", None)
     _require(limit is None or cfg.text_len <= limit, "text_len",
              f"{cfg.text_len} text tokens a row exceed the {kind} encoder's {limit} positions")

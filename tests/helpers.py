@@ -18,7 +18,7 @@ MICRO = {
     "model.width": 32, "model.depth": 1, "model.heads": 2, "model.text_width": 32, "model.text_depth": 1,
     "model.text_heads": 2,
     # The byte encoder: trained in the step, no weights to read; the MiniLM default has tests of its own.
-    "model.text_encoder": "bytes", "model.text_cache": False,
+    "model.text_encoder": "bytes", "model.text_cache": False, "model.text_layers": (-1,),
     "vae.widths": (4, 8, 8), "vae.norm_groups": 4, "vae.train_steps": 2, "vae.batch_size": 2,
     "vae.crop": (5, 16, 16), "vae.patch_size": 1,
     "data.token_budget": 32, "data.max_frames": 9, "data.packing_bins": 4, "data.num_examples": 2000,

@@ -148,3 +148,46 @@ def test_placed_params_are_sharded_as_asked(minilm):
     placed = weights.place(pretrained.params, shardings)
     np.testing.assert_array_equal(np.asarray(placed["layer_0"]["attn"]["query"]["kernel"]),
                                   params["layer_0"]["attn"]["query"]["kernel"])
+
+
+# ------------------------------------------------------------------------------- hidden layers
+
+
+def _embedding_layer_reference(params, ids, epsilon=1e-12):
+    """Hidden state 0 by hand in float64: LayerNorm(word + position + type-0 embeddings)."""
+    x = (np.asarray(params["word_embed"]["embedding"], np.float64)[ids]
+         + np.asarray(params["position_embed"]["embedding"], np.float64)[:len(ids)]
+         + np.asarray(params["type_embed"]["embedding"], np.float64)[0])
+    x = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + epsilon)
+    return x * np.asarray(params["embed_norm"]["scale"]) + np.asarray(params["embed_norm"]["bias"])
+
+
+def test_hidden_layers_concatenate_the_chosen_states_exactly_and_stay_exact_under_packing(minilm, golden):
+    pretrained, params = minilm
+    both = pretrained.module.clone(hidden_layers=(0, -1))
+    captions = golden["captions"][:3]
+    tokens, segments = _rows(pretrained, captions, 32)
+    last = np.asarray(pretrained.module.apply({"params": params}, tokens, segments))
+    states = np.asarray(both.apply({"params": params}, tokens, segments))
+    assert states.shape == (*tokens.shape, 2 * pretrained.width)
+    np.testing.assert_array_equal(states[..., pretrained.width:], last)
+    for i, caption in enumerate(captions):
+        ids = pretrained.tokenizer.encode(caption, 32)
+        np.testing.assert_allclose(states[i, :len(ids), :pretrained.width],
+                                   _embedding_layer_reference(params, ids), atol=1e-4)
+        assert np.all(states[i, len(ids):] == 0.0)
+    # Two captions in one row: each gets the states it gets alone, its positions counted from 0.
+    row = np.concatenate([tokens[0, :segments[0].sum()], tokens[1, :segments[1].sum()]])
+    row_segments = np.concatenate([np.full(segments[0].sum(), 1), np.full(segments[1].sum(), 2)])
+    packed = np.asarray(both.apply({"params": params}, row[None], row_segments[None].astype(np.int32)))[0]
+    n0 = int(segments[0].sum())
+    np.testing.assert_allclose(packed[:n0], states[0, :n0], atol=1e-5)
+    np.testing.assert_allclose(packed[n0:], states[1, :len(row) - n0], atol=1e-5)
+
+
+@pytest.mark.parametrize("layers, message", [((), "names no hidden state"), ((7,), "7 is not a hidden state"),
+                                             ((-8,), "-8 is not a hidden state"), ((6, -1), "twice")])
+def test_hidden_layers_out_of_range_or_repeated_are_refused(layers, message):
+    with pytest.raises(ValueError, match=message):
+        bert.check_hidden_layers(layers, depth=6)
+    assert bert.check_hidden_layers((0, -1), depth=6) == (0, -1)

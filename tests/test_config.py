@@ -60,6 +60,10 @@ def test_every_shipped_config_loads_and_validates(path):
     ("model.clip_position_pairs", None, "config.model.clip_position_pairs: must be True or False, got None"),
     ("diffusion.high_noise_rate", 1.5, "config.diffusion.high_noise_rate: must be in [0, 1], got 1.5"),
     ("diffusion.high_noise_min", 1.0, "config.diffusion.high_noise_min: must be in [0, 1), got 1.0"),
+    ("model.text_layers", (0, 7), "config.model.text_layers=(0, 7): 7 is not a hidden state of a 6-layer encoder"),
+    ("model.text_layers", (0, 0), "config.model.text_layers=(0, 0): (0, 0) names one hidden state twice"),
+    ("model.text_layers", (), "config.model.text_layers: must be a non-empty tuple of hidden-state indices"),
+    ("model.text_layers", ("0",), "config.model.text_layers: must be a non-empty tuple of hidden-state indices"),
 ])
 def test_bad_values_name_their_key(key, value, message):
     with pytest.raises(config.ConfigError, match=re.escape(message)):
@@ -71,6 +75,15 @@ def test_a_model_without_cross_attention_needs_the_pooled_caption():
     with pytest.raises(config.ConfigError, match=re.escape(
             "config.model.cross_attn: False leaves model.pooled_text as the caption's only way in")):
         config.validate(config.load(TINY, {"model.cross_attn": False, "model.pooled_text": False}))
+
+
+def test_text_layers_are_for_the_bert_encoder_alone():
+    # configs/tiny.py concatenates MiniLM's embeddings and last layer; the byte encoder has one output.
+    with pytest.raises(config.ConfigError, match=re.escape(
+            "config.model.text_layers: (0, -1): only the bert encoder concatenates hidden states; bytes gives")):
+        config.validate(config.load(TINY, {"model.text_encoder": "bytes", "model.text_cache": False}))
+    config.validate(config.load(TINY, {"model.text_encoder": "bytes", "model.text_cache": False,
+                                       "model.text_layers": (-1,)}))
 
 
 def test_clip_position_pairs_need_clip_position():

@@ -115,6 +115,20 @@ def test_cached_states_give_the_loss_of_the_encoder_run_in_the_step():
     assert cache.hits > 0 and cache.misses == len(CAPTIONS)
 
 
+def test_text_layers_widen_the_states_the_dit_reads_and_keep_the_last_layer_as_it_was():
+    last = build(_cfg()).text
+    both = build(_cfg(model__text_layers=(0, -1))).text
+    assert (last.width, both.width) == (384, 768)
+    params = frozen_params(last)
+    for caption in CAPTIONS + ("",):
+        ids = last.tokenizer.encode(caption, 48)
+        alone, wide = CaptionStates(last, params)(ids), CaptionStates(both, params)(ids)
+        assert wide.shape == (len(ids), 768)
+        np.testing.assert_array_equal(wide[:, 384:], alone)
+        assert np.abs(wide[:, :384] - alone).max() > 1.0  # the embeddings are another state, not a copy
+    assert empty_caption_states(both, params).shape == (len(last.tokenizer.empty_ids), 768)
+
+
 def test_dropout_of_cached_states_leaves_exactly_the_empty_captions_states():
     cfg = _cfg()
     models = build(cfg)

