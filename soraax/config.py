@@ -169,22 +169,29 @@ def _validate_text_encoder(cfg) -> None:
     _require(isinstance(layers, (tuple, list)) and layers and all(_is_int(i) for i in layers), "model.text_layers",
              f"must be a non-empty tuple of hidden-state indices (0: the embeddings, -1: the last layer), "
              f"got {layers!r}")
-    _require(tuple(layers) == (-1,) or kind == "bert", "model.text_layers",
-             f"{tuple(layers)}: only the bert encoder concatenates hidden states; {kind} gives its last layer's, (-1,)")
+    from soraax.text.encoders import build_text_model, hidden_layers
+    try:
+        hidden_layers(m)
+    except ValueError as error:
+        raise ConfigError(f"config.model.text_layers: {error}") from error
     if kind == "bytes":
         _require(not path, "model.text_encoder_path",
                  "is for a pretrained encoder (model.text_encoder 'bert' or 't5'); the byte encoder has no weights")
         _require(not text_cache, "model.text_cache",
                  "caches a frozen encoder's states; the byte encoder is trained with the DiT")
         return
-    from soraax.text.encoders import build_text_model
     from soraax.wan.folder import wan_text_encoder_path
     from soraax.weights import WeightsError
     try:
         text = build_text_model(m, text_len=cfg.text_len, dtype=m.dtype, default_path=wan_text_encoder_path(cfg))
     except (FileNotFoundError, ValueError, KeyError, WeightsError) as error:
-        key = "model.text_layers" if "hidden state" in str(error) else "model.text_encoder"
-        raise ConfigError(f"config.{key}={_value(cfg, key, default=None)!r}: {error}") from error
+        raise ConfigError(f"config.model.text_encoder={kind!r}: {error}") from error
+    if kind == "bert":
+        from soraax.text.bert import check_hidden_layers
+        try:
+            check_hidden_layers(layers, text.module.depth)
+        except ValueError as error:
+            raise ConfigError(f"config.model.text_layers={tuple(layers)!r}: {error}") from error
     limit = getattr(text.module, "max_positions", None)
     _require(limit is None or cfg.text_len <= limit, "text_len",
              f"{cfg.text_len} text tokens a row exceed the {kind} encoder's {limit} positions")

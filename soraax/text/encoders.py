@@ -64,11 +64,22 @@ def _load_pretrained(kind: str, path: str, dtype_name: str) -> PretrainedText:
     return load_t5_encoder(path, dtype=dtype)
 
 
+def hidden_layers(model_cfg) -> tuple[int, ...]:
+    """model.text_layers as a tuple: (-1,), the last layer, unless the bert encoder is asked for others."""
+    layers = tuple(model_cfg.get("text_layers", (-1,)))  # .get: runs written before the key existed
+    kind = model_cfg.get("text_encoder", "bytes")
+    if layers != (-1,) and kind != "bert":
+        raise ValueError(f"{layers}: only the bert encoder concatenates hidden states; {kind} gives its last "
+                         "layer's, (-1,)")
+    return layers
+
+
 def build_text_model(model_cfg, *, text_len: int, dtype, default_path: str = "") -> TextModel:
     """`default_path`: the encoder folder when model.text_encoder_path is empty (a Wan folder's text_encoder/
     under config.init_from). With neither, `model.text_encoder_shape` may name a published shape: the module
     without weights, enough for --dry_run and --compile_only."""
     kind = model_cfg.get("text_encoder", "bytes")  # .get: runs written before the key existed were bytes
+    hidden_layers(model_cfg)
     if kind == "bytes":
         module = TextEncoder(vocab_size=ByteTokenizer.vocab_size, width=model_cfg.text_width,
                              depth=model_cfg.text_depth, heads=model_cfg.text_heads, max_len=text_len,
@@ -83,14 +94,10 @@ def build_text_model(model_cfg, *, text_len: int, dtype, default_path: str = "")
         pretrained = shape_only_t5(shape, dtype=dtype)
     else:
         pretrained = _load_pretrained(kind, path, jnp.dtype(dtype).name)
-    layers = tuple(model_cfg.get("text_layers", (-1,)))  # .get: runs written before the key existed
+    layers = hidden_layers(model_cfg)
     if layers == (-1,):
         return TextModel(pretrained.module, pretrained.tokenizer, pretrained.width, pretrained)
-    if kind != "bert":
-        raise ValueError(f"model.text_layers={layers}: only the bert encoder concatenates hidden states; "
-                         f"{kind} gives its last layer's, (-1,)")
-    from soraax.text.bert import check_hidden_layers
-    layers = check_hidden_layers(layers, pretrained.module.depth)
+    # BertEncoder checks the indices against its depth (bert.check_hidden_layers).
     return TextModel(pretrained.module.clone(hidden_layers=layers), pretrained.tokenizer,
                      pretrained.width * len(layers), pretrained)
 
