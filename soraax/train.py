@@ -256,7 +256,7 @@ def dit_task(cfg, vae_params=None, latent_stats=((0.0,), (1.0,)), make_batches=p
         empty_states = empty_caption_states(text, host_text_params)
 
     def batches(process_index, process_count):
-        # Each host encodes its own clips in its pipeline threads, so with a VAE copy on one local device:
+        # Each host encodes its own clips in a prefetch thread, so with a VAE copy on one local device:
         # a computation over the global mesh would have to be launched by every process in step.
         if cached and host_text_params is None:
             frozen_params(text)  # raises: the encoder is a shape without weights

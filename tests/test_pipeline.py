@@ -197,42 +197,6 @@ def test_batches_are_a_function_of_the_seed_and_resume_from_iterator_state():
         np.testing.assert_array_equal(a["tokens"], b["tokens"])
 
 
-def test_the_encode_runs_in_several_threads_and_batches_equal_the_one_clip_at_a_time_order():
-    # workers=0 encodes in Grain's read threads (several clips at once); workers=1 encodes in the training
-    # process one clip at a time. Same clips, same order, same rows, same iterator state.
-    import threading
-    cfg = micro_config()
-    encode = _fake_encode(cfg)
-    lock = threading.Lock()
-    running, most = [0], [0]
-
-    def slow_encode(video):
-        with lock:
-            running[0] += 1
-            most[0] = max(most[0], running[0])
-        time.sleep(0.003)  # long enough for read threads to overlap, as a real (GIL-free) encode does
-        with lock:
-            running[0] -= 1
-        return encode(video)
-
-    threaded = iter(pipeline.dit_batches(cfg, slow_encode))
-    first = [next(threaded) for _ in range(4)]
-    assert most[0] >= 2
-    serial = iter(pipeline.dit_batches(micro_config(data__workers=1), encode))
-    for a, b in zip(first, [next(serial) for _ in range(4)]):
-        assert a.keys() == b.keys()
-        for key in a:
-            if a[key].dtype.kind == "f":  # a worker process's BLAS resizes to within an ulp of this one's
-                np.testing.assert_allclose(a[key], b[key], rtol=1e-6, atol=1e-6, err_msg=key)
-            else:
-                np.testing.assert_array_equal(a[key], b[key], err_msg=key)
-    state = threaded.get_state()
-    after = next(threaded)
-    resumed = iter(pipeline.dit_batches(cfg, encode))
-    resumed.set_state(state)
-    np.testing.assert_array_equal(next(resumed)["tokens"], after["tokens"])
-
-
 def test_hosts_read_disjoint_shards():
     cfg = micro_config()
     encode = _fake_encode(cfg)

@@ -204,13 +204,6 @@ def _encode_and_patchify(encode: EncodeFn, patch_size, encode_text: EncodeTextFn
     return fn
 
 
-def _unless_skipped(fn: Callable[[dict], dict]) -> Callable[[dict], dict]:
-    """`fn` for a clip; a skip marker passes through unchanged, to be counted in the training process."""
-    def wrapped(example):
-        return example if folder.is_skipped(example) else fn(example)
-    return wrapped
-
-
 class _CountSkips(grain.transforms.Filter):
     """Counts each record into folder.SKIPS and keeps the clips (in the training process, after workers).
 
@@ -305,17 +298,9 @@ def _packed_batches(cfg, prepare, to_tokens, *, process_index, process_count, wi
     if cfg.batch_size % process_count:
         raise ValueError(f"config.batch_size={cfg.batch_size} must divide evenly over {process_count} hosts")
     ds, per_epoch = _decoded_clips(cfg, process_index=process_index, process_count=process_count)
-    ds = ds.random_map(prepare, seed=cfg.seed)
-    if cfg.data.workers <= 0:
-        # The VAE encode joins the decode and resize in Grain's read threads: one small encode leaves a core
-        # idle, and several at once encode ~1.8x the clips a second on 2 cores (benchmarks/README.md). The
-        # clips come out in order, so batches and the iterator state are as with one thread.
-        ds = _count_skips(ds.map(_unless_skipped(to_tokens)).to_iter_dataset(), per_epoch, cfg.data)
-    else:
-        # Worker processes hold no JAX (a TPU host's chips belong to the training process): the encode
-        # stays there, one clip at a time.
-        ds = _count_skips(_worker_processes(ds.to_iter_dataset(), cfg.data.workers), per_epoch, cfg.data)
-        ds = ds.map(to_tokens)
+    ds = _worker_processes(ds.random_map(prepare, seed=cfg.seed).to_iter_dataset(), cfg.data.workers)
+    ds = _count_skips(ds, per_epoch, cfg.data)
+    ds = ds.map(to_tokens)
     ds = packing.pack_clips(ds, seq_len=cfg.seq_len, text_len=cfg.text_len, max_segments=cfg.max_segments,
                             num_packing_bins=cfg.data.packing_bins, strategy=cfg.data.packing, seed=cfg.seed,
                             with_text_states=with_text_states,
