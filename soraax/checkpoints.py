@@ -32,6 +32,18 @@ def manager(workdir: str, *, keep: int, every: int) -> ocp.CheckpointManager:
     return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"), options=options)
 
 
+def latest_step(workdir: str) -> int | None:
+    """The step of the newest complete checkpoint in `workdir`, or None when it has none."""
+    folder = os.path.join(os.path.abspath(workdir), "checkpoints")
+    if not os.path.isdir(folder):
+        return None
+    mngr = ocp.CheckpointManager(folder)
+    try:
+        return mngr.latest_step()
+    finally:
+        mngr.close()
+
+
 def _without_frozen(state):
     return state.replace(frozen={}) if hasattr(state, "frozen") else state
 

@@ -18,6 +18,8 @@ import ml_collections
 from soraax import sharding
 from soraax.attention import IMPLS
 from soraax.cascade import UPSAMPLE_METHODS, sr_budget
+from soraax.curriculum import OVERRIDES
+from soraax.data.synthetic import IMAGE_FRACTION
 from soraax.dit import REMAT_POLICIES
 from soraax.sharding import MESH_AXES
 from soraax.vae import RESAMPLES, TIME_PADDINGS, stage_plan  # stage_plan: how widths follow from the factors
@@ -147,6 +149,39 @@ def _ints(cfg, key: str, length: int | None, what: str) -> tuple[int, ...]:
     return tuple(int(v) for v in value)
 
 
+def _aspect_ratios(cfg, key: str) -> None:
+    """Absent, or a non-empty tuple of (width, height) pairs of positive ints."""
+    value = _value(cfg, key, None)
+    ok = value is None or (isinstance(value, (tuple, list)) and len(value) >= 1 and all(
+        isinstance(pair, (tuple, list)) and len(pair) == 2 and all(_is_int(v) and v >= 1 for v in pair)
+        for pair in value))
+    _require(ok, key, f"must be a tuple of (width, height) pairs of positive ints, e.g. ((1, 1), (16, 9)), "
+                      f"got {value!r}")
+
+
+def _validate_curriculum(cfg) -> None:
+    """curriculum.* (soraax/curriculum.py): its keys known, its values as valid as the keys they override."""
+    group = _value(cfg, "curriculum", None)
+    if group is None:
+        return
+    for key in group:
+        _require(key == "steps" or key in OVERRIDES, f"curriculum.{key}",
+                 f"is not a curriculum key; those are steps, {', '.join(OVERRIDES)}")
+    steps = _int(cfg, "curriculum.steps", minimum=0, default=0)
+    _aspect_ratios(cfg, "curriculum.aspect_ratios")
+    _int(cfg, "curriculum.min_frames", minimum=5, default=5)
+    _number(cfg, "curriculum.image_fraction", 0.0, 1.0, default=0.0)
+    _number(cfg, "curriculum.high_noise_rate", 0.0, 1.0, default=0.0)
+    if steps == 0 or cfg.task != "dit":  # train.run gives the text-to-video DiT alone a curriculum
+        return
+    _require(_value(cfg, "data.source") == "synthetic", "curriculum.steps",
+             f"the curriculum draws its clips from the synthetic source; with data.source="
+             f"{_value(cfg, 'data.source')!r} set curriculum.steps=0")
+    _require(steps < _value(cfg, "total_steps"), "curriculum.steps",
+             f"{steps} leaves none of total_steps={_value(cfg, 'total_steps')} to the configured data: set it "
+             f"below total_steps, or 0 for no curriculum")
+
+
 # ------------------------------------------------------------------------------------------ checks
 
 _POSITIVE_INTS = (
@@ -244,6 +279,8 @@ def _validate_types_and_ranges(cfg) -> None:
     _number(cfg, "diffusion.high_noise_rate", 0.0, 1.0, default=0.0)
     _number(cfg, "diffusion.high_noise_min", 0.0, 1.0, high_open=True, default=0.9)
     _int(cfg, "data.synthetic_min_frames", minimum=5, default=5)   # above data.max_frames: max_frames only
+    _aspect_ratios(cfg, "data.synthetic_aspect_ratios")
+    _number(cfg, "data.synthetic_image_fraction", 0.0, 1.0, default=IMAGE_FRACTION)
     for key in ("data.manifest", "data.tfds_dir", "data.tfds_name", "vae.checkpoint"):
         _text(cfg, key)
 
@@ -370,6 +407,7 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
     _choice(cfg, "data.packing", PACKERS)
     _require(d.token_budget <= cfg.seq_len, "data.token_budget",
              f"{d.token_budget} tokens a clip cannot fit a packed row of seq_len={cfg.seq_len}")
+    _validate_curriculum(cfg)
     if cfg.task == "sr":
         _validate_sr(cfg)
     if num_devices is not None:

@@ -33,7 +33,7 @@ from absl import logging as absl_logging
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from soraax import cascade, checkpoints, config as config_lib, diffusion, distributed, flops, packing, preemption
+from soraax import cascade, checkpoints, config as config_lib, curriculum, diffusion, distributed, flops, packing, preemption
 from soraax import sharding, weights
 from soraax import topology
 from soraax.data import pipeline
@@ -422,14 +422,15 @@ def _all_finite(tree) -> jax.Array:
 
 
 def train(cfg, workdir: str, task: Task, *, show_progress: bool = True, stop_at: int | None = None,
-          watch: preemption.PreemptionWatch | None = None) -> list[dict]:
+          watch: preemption.PreemptionWatch | None = None, fresh_data_at: int | None = None) -> list[dict]:
     """Runs (or resumes) `task` to its total steps in `workdir`; returns the logged metric records.
 
     `stop_at` ends this run early at that step with a checkpoint; the next call resumes from it and
     continues the same schedule and batch sequence. On SIGTERM (or `watch.request()`) the run saves at the
     next step boundary and raises `Preempted`. A step with a non-finite loss or gradient changes nothing
     and is counted (`skipped_updates`); `max_nonfinite_steps` of them in a row raise `NonFiniteError`,
-    and no checkpoint ever holds non-finite params.
+    and no checkpoint ever holds non-finite params. Resumed from step `fresh_data_at`, the data starts at
+    its beginning: that checkpoint's iterator is another pipeline's (the curriculum's, soraax/curriculum.py).
     """
     os.makedirs(workdir, exist_ok=True)
     checkpoints.write_config(workdir, cfg)
@@ -440,7 +441,8 @@ def train(cfg, workdir: str, task: Task, *, show_progress: bool = True, stop_at:
     mngr = checkpoints.manager(workdir, keep=cfg.keep_checkpoints, every=cfg.checkpoint_every)
     writer = MetricsWriter(workdir, task.name)
     if mngr.latest_step() is not None:
-        state = attach_frozen(checkpoints.restore(mngr, abstract, data), task, abstract)
+        with_data = data if mngr.latest_step() != fresh_data_at else None
+        state = attach_frozen(checkpoints.restore(mngr, abstract, with_data), task, abstract)
         message = f"[{task.name}] resuming from step {int(state.step)} in {workdir}"
         writer.keep_until(int(state.step))
     else:
@@ -587,7 +589,15 @@ def run(cfg, workdir: str) -> list[dict]:
     vae_dir = ensure_vae(cfg, workdir)  # an SR config names its base's VAE (validated), so never trains one
     stats = vae_latent_stats(cfg, vae_dir)
     make_task = sr_task if cfg.task == "sr" else dit_task
-    return train(cfg, workdir, make_task(cfg, load_vae_params(cfg, vae_dir), stats))
+    vae_params = load_vae_params(cfg, vae_dir)
+    warm = curriculum.steps(cfg) if cfg.task == "dit" else 0  # validated: on the synthetic source
+    records = []
+    if warm and (checkpoints.latest_step(workdir) or 0) < warm:
+        stage = curriculum.stage_config(cfg)
+        if jax.process_index() == 0:
+            print(f"[dit] curriculum: steps 1-{warm} on {curriculum.describe(cfg)}", flush=True)
+        records = train(stage, workdir, make_task(stage, vae_params, stats), stop_at=warm)
+    return records + train(cfg, workdir, make_task(cfg, vae_params, stats), fresh_data_at=warm or None)
 
 
 # -------------------------------------------------------------------------------------------- CLI

@@ -22,6 +22,7 @@ MICRO = {
     "vae.widths": (4, 8, 8), "vae.norm_groups": 4, "vae.train_steps": 2, "vae.batch_size": 2,
     "vae.crop": (5, 16, 16), "vae.patch_size": 1,
     "data.token_budget": 32, "data.max_frames": 9, "data.packing_bins": 4, "data.num_examples": 2000,
+    "curriculum.steps": 0,  # tests/test_curriculum.py turns it on
 }
 
 

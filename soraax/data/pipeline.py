@@ -27,7 +27,7 @@ from absl import flags
 
 from soraax import cascade, packing, patches
 from soraax.config import ConfigError
-from soraax.data import conditioning, folder
+from soraax.data import conditioning, folder, synthetic
 from soraax.data.folder import ManifestSource, decode_clip
 from soraax.data.synthetic import SyntheticClips
 from soraax.text import ByteTokenizer
@@ -124,8 +124,9 @@ def clip_source(data_cfg, *, seed: int, split: str = "train"):
         # (data.synthetic_min_frames raises that: longer clips carry more of the motion the captions name).
         first = max(5, min(int(data_cfg.get("synthetic_min_frames", 5)), data_cfg.max_frames))
         durations = (1,) + tuple(range(first, data_cfg.max_frames + 1))
-        return SyntheticClips(num_examples=data_cfg.num_examples, seed=seed, split=split,
-                              durations=durations), None
+        return SyntheticClips(num_examples=data_cfg.num_examples, seed=seed, split=split, durations=durations,
+                              aspect_ratios=data_cfg.get("synthetic_aspect_ratios", synthetic.ASPECT_RATIOS),
+                              image_fraction=data_cfg.get("synthetic_image_fraction", synthetic.IMAGE_FRACTION)), None
     if data_cfg.source == "folder":
         return ManifestSource(data_cfg.manifest), decode_clip
     if data_cfg.source == "tfds":
