@@ -54,14 +54,14 @@ def get_config(arg=None):
     c.model.local_attention = True       # self-attention skips blocks no clip reaches (data.token_budget); exact
     c.model.clip_position = True         # each token's fractional place in its clip: RoPE alone is relative, and
                                          # "moving left" (start right, end left) needs to know the edges
-    c.model.clip_position_pairs = False  # and products of two axes' places ("moving left" is a (t, w) layout):
-                                         # direction's caption gap 5x in a proxy, no gain end to end (docs/train.md)
+    c.model.clip_position_pairs = True   # and products of two axes' places ("moving left" is a (t, w) layout;
+                                         # the first layer is linear in its features)
 
     c.diffusion = ml_collections.ConfigDict()
     c.diffusion.t_mean = 0.0             # logit-normal timestep sampling (SD3)
     c.diffusion.t_std = 1.0
-    c.diffusion.high_noise_rate = 0.0    # this share of clips trains at t ~ U(high_noise_min, 1), where a
-    c.diffusion.high_noise_min = 0.9     # caption's layout is decided; 0.25 gave no gain end to end (docs/train.md)
+    c.diffusion.high_noise_rate = 0.6    # this share of clips trains at t ~ U(high_noise_min, 1), where a
+    c.diffusion.high_noise_min = 0.9     # caption's layout is decided (after the curriculum below)
     c.diffusion.base_tokens = 64         # a clip of this many tokens gets no resolution shift
     c.diffusion.text_dropout = 0.1       # captions replaced by "" so classifier-free guidance works
     c.diffusion.sample_steps = 30
@@ -86,6 +86,15 @@ def get_config(arg=None):
     c.vae.crop = (5, 32, 32)             # (frames, height, width) of VAE training crops
     c.vae.kl_weight = 1e-5
 
+    # The first DiT steps on one frame shape, all at high noise (soraax/curriculum.py): with them the samples
+    # follow the prompt's motion direction (0.92-1.00 against 0.10 without; docs/train.md). 0: off.
+    c.curriculum = ml_collections.ConfigDict()
+    c.curriculum.steps = 1200
+    c.curriculum.aspect_ratios = ((1, 1),)
+    c.curriculum.min_frames = 17
+    c.curriculum.image_fraction = 0.0
+    c.curriculum.high_noise_rate = 1.0
+
     c.data = ml_collections.ConfigDict()
     c.data.source = "synthetic"          # synthetic | folder (data.manifest) | tfds (data.tfds_dir, data.tfds_name)
     c.data.manifest = ""
@@ -96,6 +105,8 @@ def get_config(arg=None):
     c.data.max_frames = 17
     c.data.synthetic_min_frames = 13     # videos of 13..17 frames (4-5 latent frames) and images: the motion
                                          # a caption names spans the clip, as in the 17-frame eval prompts
+    c.data.synthetic_aspect_ratios = ((1, 1), (3, 2), (2, 3), (4, 3), (3, 4), (16, 9), (9, 16), (21, 9))
+    c.data.synthetic_image_fraction = 0.15
     c.data.detailed_caption_rate = 0.0   # share of captions in the long, prompt-expanded style; short ones
                                          # bind words faster at this size and fit text_len
     # Clips trained with frames given clean (t = 0, no loss), so one model also does image->video,
