@@ -29,6 +29,7 @@ TINY = {
     "total_steps": 2, "checkpoint_every": 1, "batch_size": 2, "seq_len": 64, "text_len": 96,
     "max_segments": 4, "data.token_budget": 32, "diffusion.sample_steps": 2, "diffusion.guidance": 3.0,
     "model.text_encoder": "bytes", "model.text_cache": False, "model.text_layers": (-1,), "vae.patch_size": 1,
+    "curriculum.steps": 0,  # configs/tiny.py's 1200 would be refused with total_steps 2
 }
 LATENT_MEAN, LATENT_STD = (0.1, -0.2, 0.0, 0.3), (0.5, 1.5, 1.0, 2.0)
 PROMPT = "a red square moving left"
