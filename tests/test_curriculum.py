@@ -1,6 +1,4 @@
 """The shape curriculum: its steps draw only its clips, then the configured data; resume is exact across it."""
-import json
-import os
 import re
 
 import numpy as np
@@ -9,6 +7,7 @@ import pytest
 from soraax import config, curriculum, packing, train
 from soraax.data import pipeline
 from helpers import TINY, micro_config
+from test_train import _losses, vae_dir  # noqa: F401 (vae_dir: a fixture, the micro VAE the DiT trains on)
 
 SQUARE = dict(curriculum__steps=2, curriculum__aspect_ratios=((1, 1),), curriculum__min_frames=9,
               curriculum__image_fraction=0.0, curriculum__high_noise_rate=1.0)
@@ -82,18 +81,6 @@ def test_the_tiny_default_has_a_curriculum_within_its_steps():
     cfg = config.validate(config.load(TINY))
     assert 0 < curriculum.steps(cfg) < cfg.total_steps
     assert "1:1" in curriculum.describe(cfg)
-
-
-@pytest.fixture(scope="module")
-def vae_dir(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("vae"))
-    train.run(micro_config(task="vae"), path)
-    return path
-
-
-def _losses(workdir):
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return [json.loads(line)["loss"] for line in f]
 
 
 def test_run_trains_the_curriculum_first_then_the_data_and_resumes_exactly_across_it(vae_dir, tmp_path,
