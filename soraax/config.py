@@ -15,10 +15,9 @@ import os
 
 import ml_collections
 
-from soraax import sharding
+from soraax import curriculum, sharding
 from soraax.attention import IMPLS
 from soraax.cascade import UPSAMPLE_METHODS, sr_budget
-from soraax.curriculum import OVERRIDES
 from soraax.data.synthetic import IMAGE_FRACTION
 from soraax.dit import REMAT_POLICIES
 from soraax.sharding import MESH_AXES
@@ -165,14 +164,15 @@ def _validate_curriculum(cfg) -> None:
     if group is None:
         return
     for key in group:
-        _require(key == "steps" or key in OVERRIDES, f"curriculum.{key}",
-                 f"is not a curriculum key; those are steps, {', '.join(OVERRIDES)}")
-    steps = _int(cfg, "curriculum.steps", minimum=0, default=0)
+        _require(key == "steps" or key in curriculum.OVERRIDES, f"curriculum.{key}",
+                 f"is not a curriculum key; those are steps, {', '.join(curriculum.OVERRIDES)}")
+    _int(cfg, "curriculum.steps", minimum=0, default=0)
     _aspect_ratios(cfg, "curriculum.aspect_ratios")
     _int(cfg, "curriculum.min_frames", minimum=5, default=5)
     _number(cfg, "curriculum.image_fraction", 0.0, 1.0, default=0.0)
     _number(cfg, "curriculum.high_noise_rate", 0.0, 1.0, default=0.0)
-    if steps == 0 or cfg.task != "dit":  # train.run gives the text-to-video DiT alone a curriculum
+    steps = curriculum.steps(cfg)  # 0 for every task but the text-to-video DiT's
+    if steps == 0:
         return
     _require(_value(cfg, "data.source") == "synthetic", "curriculum.steps",
              f"the curriculum draws its clips from the synthetic source; with data.source="

@@ -26,9 +26,12 @@ OVERRIDES = {
 
 
 def steps(cfg) -> int:
-    """How many of the run's first steps the curriculum takes (0: none, or no curriculum group)."""
+    """How many of the run's first steps the curriculum takes: 0 without a curriculum group, and for every
+    task but the text-to-video DiT (a VAE or SR stage has none)."""
     group = cfg.get("curriculum")
-    return int(group.get("steps", 0)) if group is not None else 0
+    if group is None or cfg.get("task", "dit") != "dit":
+        return 0
+    return int(group.get("steps", 0))
 
 
 def stage_config(cfg) -> ml_collections.ConfigDict:
@@ -48,7 +51,8 @@ def stage_config(cfg) -> ml_collections.ConfigDict:
 
 def describe(cfg) -> str:
     """One line for the log: what the curriculum's clips are."""
-    d, diffusion = stage_config(cfg).data, stage_config(cfg).diffusion
+    stage = stage_config(cfg)
+    d, diffusion = stage.data, stage.diffusion
     shapes = ", ".join(f"{w}:{h}" for w, h in d.get("synthetic_aspect_ratios", synthetic.ASPECT_RATIOS))
     return (f"synthetic clips at {shapes}, videos of >= {d.get('synthetic_min_frames', 5)} frames (data.max_frames "
             f"at most), {d.get('synthetic_image_fraction', synthetic.IMAGE_FRACTION):.0%} images, no frames given, "

@@ -590,7 +590,7 @@ def run(cfg, workdir: str) -> list[dict]:
     stats = vae_latent_stats(cfg, vae_dir)
     make_task = sr_task if cfg.task == "sr" else dit_task
     vae_params = load_vae_params(cfg, vae_dir)
-    warm = curriculum.steps(cfg) if cfg.task == "dit" else 0  # validated: on the synthetic source
+    warm = curriculum.steps(cfg)  # validated: below total_steps, on the synthetic source
     records = []
     if warm and (checkpoints.latest_step(workdir) or 0) < warm:
         stage = curriculum.stage_config(cfg)
