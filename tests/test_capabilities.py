@@ -4,6 +4,7 @@ token, trained or not); SDEdit at strength 0 is the input without a DiT call and
 text->video; two-condition guidance is the InstructPix2Pix formula with the held tokens released in the
 unconditional pass; the window arithmetic of extension adds exactly the frames asked for; the CLI refuses
 bad inputs before computing."""
+import functools
 import math
 
 import jax
@@ -285,7 +286,9 @@ def inputs(tmp_path_factory):
     return paths
 
 
-def test_every_mode_writes_a_clip_of_the_right_size_and_length(saved, inputs, tmp_path, capsys):
+def test_every_mode_writes_a_clip_of_the_right_size_and_length(saved, inputs, tmp_path, capsys, monkeypatch):
+    # Each CLI call loads the same workdir: load it once (each load took a second or two of restoring and tracing).
+    monkeypatch.setattr(sampling, "load_run", functools.cache(sampling.load_run))
     base = ["--workdir", saved[0], "--prompt", PROMPT, "--steps", "2"]
     sized = ["--height", "16", "--width", "24"]
     cases = [  # (flags, frames written, (height, width))

@@ -111,7 +111,9 @@ def test_clip_position_pairs_and_the_high_noise_share_reach_the_model_and_the_lo
                        diffusion__high_noise_min=0.8)
     models = build(cfg)
     assert models.dit.clip_position and models.dit.clip_position_pairs
-    params = nn.meta.unbox(train.dit_task(cfg).init_params(jax.random.PRNGKey(0)))
+    # Shapes alone (jax.eval_shape): running the init and the loss op by op took ~50 s of the suite, and
+    # neither assertion reads a value.
+    params = nn.meta.unbox(jax.eval_shape(train.dit_task(cfg).init_params, jax.random.PRNGKey(0)))
     assert params["dit"]["clip_position_embed"]["kernel"].shape == (num_features(4, pairs=True), cfg.model.width)
 
     class Drawn(Exception):
@@ -126,5 +128,5 @@ def test_clip_position_pairs_and_the_high_noise_share_reach_the_model_and_the_lo
              "segment_ids": np.ones((2, s), np.int32), "cond_mask": np.zeros((2, s), bool),
              "text_tokens": np.zeros((2, l), np.int32), "text_segment_ids": np.ones((2, l), np.int32)}
     with pytest.raises(Drawn) as drawn:
-        train.dit_loss_fn(models, cfg)(params, batch, jax.random.PRNGKey(1))
+        jax.eval_shape(train.dit_loss_fn(models, cfg), params, batch, jax.random.PRNGKey(1))
     assert drawn.value.args[0]["high_noise_rate"] == 0.3 and drawn.value.args[0]["high_noise_min"] == 0.8

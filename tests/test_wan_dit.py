@@ -146,8 +146,9 @@ def test_umt5_states_match_transformers():
     folder = load_wan_folder(DATA)
     ref = _reference()
     ids = ref["input_ids"][None]
-    states = folder.text.module.apply({"params": weights.materialise(folder.text.params)}, jnp.asarray(ids),
-                                      jnp.ones_like(jnp.asarray(ids)))
+    # jitted: op by op this took 6 s
+    states = jax.jit(folder.text.module.apply)({"params": weights.materialise(folder.text.params)},
+                                               jnp.asarray(ids), jnp.ones_like(jnp.asarray(ids)))
     assert np.abs(np.asarray(states)[0] - ref["umt5_states"]).max() < ATOL
     # soraax's tokenizer frames the prompt as transformers' did.
     prompt = json.load(open(os.path.join(DATA, "versions.json")))["prompt"]
@@ -365,9 +366,10 @@ def test_training_encoder_path_gives_the_cached_paths_padded_states():
     tokens, ids = np.zeros((1, length), np.int32), np.zeros((1, length), np.int32)
     tokens[0, :len(caption)], ids[0, :pad] = caption, 1  # what the packer makes of one padded caption
     batch = {"text_tokens": jnp.asarray(tokens), "text_segment_ids": jnp.asarray(ids)}
-    states, attend = train.text_conditioning(models, cfg)(params, batch, jax.random.PRNGKey(0))
-    alone = models.text_encoder.apply({"params": params["text"]}, jnp.asarray(caption)[None],
-                                      jnp.ones((1, len(caption)), jnp.int32))
+    # jitted: op by op the two UMT5 calls took 10 s
+    states, attend = jax.jit(train.text_conditioning(models, cfg))(params, batch, jax.random.PRNGKey(0))
+    alone = jax.jit(models.text_encoder.apply)({"params": params["text"]}, jnp.asarray(caption)[None],
+                                               jnp.ones((1, len(caption)), jnp.int32))
     np.testing.assert_array_equal(np.asarray(attend), ids)
     np.testing.assert_allclose(np.asarray(states[0, :len(caption)]), np.asarray(alone[0]), atol=1e-5)
     np.testing.assert_array_equal(np.asarray(states[0, len(caption):]), 0)
