@@ -69,11 +69,14 @@ def emit(record: dict) -> None:
 
 
 def machine() -> dict:
-    """Where the numbers came from: platform, device kind and count, host cores, library versions."""
+    """Where the numbers came from: platform, device kind and count, host cores, library versions, glibc's
+    tunables."""
     import jax
     devices = jax.devices()
+    # GLIBC_TUNABLES: whether XLA's CPU buffers had huge pages (soraax/host_memory.py), which moves CPU steps.
     return {"platform": devices[0].platform, "device_kind": devices[0].device_kind, "devices": len(devices),
             "host_cpus": cpu_count(), "host": platform.node(), "jax": jax.__version__,
+            "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
             "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
 
 
@@ -83,6 +86,13 @@ def cpu_count() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # macOS
         return os.cpu_count() or 1
+
+
+def reexec_with_huge_pages() -> None:
+    """A script's first call: restart under glibc's huge-page tunable where it applies, as the train CLI
+    does (soraax/host_memory.py), so benchmarks time the step users get."""
+    from soraax import host_memory
+    host_memory.reexec_with_huge_pages()
 
 
 # ------------------------------------------------------------------------------------------- configs

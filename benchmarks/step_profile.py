@@ -147,4 +147,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    common.reexec_with_huge_pages()
     main()

@@ -13,6 +13,10 @@ The result is one JSON object, printed and written to WORKDIR/eval.json (or --ou
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # first, before JAX loads: XLA's CPU buffers on huge pages (soraax/host_memory.py)
+    from soraax import host_memory
+    host_memory.reexec_with_huge_pages()
+
 import functools
 import json
 import os

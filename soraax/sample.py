@@ -19,6 +19,10 @@ the input files is one line on stderr and exit code 2, before anything is comput
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # first, before JAX loads: XLA's CPU buffers on huge pages (soraax/host_memory.py)
+    from soraax import host_memory
+    host_memory.reexec_with_huge_pages()
+
 import argparse
 import dataclasses
 import math

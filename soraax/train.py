@@ -14,6 +14,10 @@ A rerun with the same workdir resumes from the latest checkpoint and says so.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # first, before JAX loads: XLA's CPU buffers on huge pages (soraax/host_memory.py)
+    from soraax import host_memory
+    host_memory.reexec_with_huge_pages()
+
 import dataclasses
 import json
 import logging
