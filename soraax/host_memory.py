@@ -81,10 +81,17 @@ def huge_page_env(environ: Mapping[str, str], *, platform: str, glibc: tuple[int
     return {**environ, "GLIBC_TUNABLES": ":".join(filter(None, [tunables, f"{TUNABLE}=1"]))}
 
 
+def huge_page_env_here(environ: Mapping[str, str] | None = None) -> dict[str, str] | None:
+    """`huge_page_env` for this machine (its platform, glibc and kernel mode) and `environ` (default: this
+    process's environment): what a program started with `environ` here would restart with."""
+    return huge_page_env(os.environ if environ is None else environ, platform=sys.platform,
+                         glibc=glibc_version(), thp=thp_mode())
+
+
 def reexec_with_huge_pages() -> None:
     """Replaces this process by the same command under `huge_page_env`'s environment, where it applies;
     returns (doing nothing) where it does not. Call it first in a program's `__main__` block."""
-    env = huge_page_env(os.environ, platform=sys.platform, glibc=glibc_version(), thp=thp_mode())
+    env = huge_page_env_here()
     argv = getattr(sys, "orig_argv", None)
     if env is None or not sys.executable or not argv:
         return

@@ -48,8 +48,7 @@ def test_summary_and_json_lines(capsys):
 def test_attention_tiny():
     records = run_script("attention.py", "--lengths", "128")
     from soraax import host_memory
-    wanted = host_memory.huge_page_env({**os.environ, "JAX_PLATFORMS": "cpu"}, platform=sys.platform,
-                                       glibc=host_memory.glibc_version(), thp=host_memory.thp_mode())
+    wanted = host_memory.huge_page_env_here({**os.environ, "JAX_PLATFORMS": "cpu"})
     # The script restarted itself under glibc's huge-page tunable where it applies, as the train CLI does.
     expected = wanted["GLIBC_TUNABLES"] if wanted else os.environ.get("GLIBC_TUNABLES")
     assert {r["machine"]["glibc_tunables"] for r in records} == {expected}

@@ -11,15 +11,17 @@ from soraax import host_memory
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LINUX = dict(platform="linux", glibc=(2, 36), thp="madvise")
-HERE = host_memory.huge_page_env(os.environ, platform=sys.platform, glibc=host_memory.glibc_version(),
-                                 thp=host_memory.thp_mode())
-needs_restart = pytest.mark.skipif(HERE is None, reason="huge pages do not apply on this machine "
-                                   "(not glibc >= 2.35 on Linux, THP never, an opt-out or already set)")
 
 
 def _clean(**env):
+    """The environment the subprocesses below start with: none of the tunables or the opt-out."""
     base = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", host_memory.OPT_OUT)}
     return {**base, "JAX_PLATFORMS": "cpu", **env}
+
+
+needs_restart = pytest.mark.skipif(host_memory.huge_page_env_here(_clean()) is None,
+                                   reason="huge pages do not apply on this machine (not glibc >= 2.35 on Linux, "
+                                          "or transparent huge pages never)")
 
 
 def test_the_tunable_is_added_to_what_is_there_and_the_rest_of_the_environment_is_kept():
