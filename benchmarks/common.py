@@ -213,7 +213,9 @@ def matmul_peak(n: int = 2048, dtype: str = "float32", repeats: int = 5, chain: 
     """FLOP/s of a jitted [n, n] @ [n, n] on the default device, best of `repeats` (after one warm-up):
     the denominator of MFU on a machine without a datasheet peak, measured in the same run as the step.
 
-    `chain` products run in one call (each feeds the next, so none is skipped) to amortise dispatch.
+    `chain` products run in one call (each feeds the next, so none is skipped) to amortise dispatch. Each
+    sums in float32 and rounds to `dtype` after, as soraax's matmuls do (soraax/matmul.py): on CPU a
+    bfloat16-result product has no fast kernel, so its rate would understate the peak bfloat16 GEMMs reach.
     """
     import jax
     import jax.numpy as jnp
@@ -225,7 +227,7 @@ def matmul_peak(n: int = 2048, dtype: str = "float32", repeats: int = 5, chain: 
     @jax.jit
     def products(a, b):
         for _ in range(chain):
-            a = jnp.dot(a, b, preferred_element_type=a.dtype)
+            a = jnp.dot(a, b, preferred_element_type=jnp.float32).astype(b.dtype)
         return a
 
     products(a, b).block_until_ready()

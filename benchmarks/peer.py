@@ -1,18 +1,21 @@
 """soraax's train step against the PyTorch DiT of diffusers (DiTTransformer2DModel) at the same sizes, in one run.
 
-    python benchmarks/peer.py [--sizes S,B] [--steps 10] [--torch_python /path/to/python] [--config.KEY=VALUE ...]
+    python benchmarks/peer.py [--sizes S,B] [--precisions float32,bfloat16] [--steps 10]
+        [--torch_python /path/to/python] [--config.KEY=VALUE ...]
 
 Two comparisons, each printed as one JSON line with the ratio soraax / torch:
   * same shapes: DiT-S/2 (384 x 12, 6 heads) and DiT-B/2 (768 x 12, 12 heads), a batch of 8 samples of
     256 tokens (a 16 x 16 patch grid of 2x2 latent cells, 4 channels), forward + backward + AdamW (+ grad
     clipping and EMA, which soraax's step does too). soraax: `--config` with those sizes, rows of 256 tokens,
-    one clip a row; torch: benchmarks/peer_torch.py.
+    one clip a row; torch: benchmarks/peer_torch.py. Once per `--precisions` entry: float32 throughout, and
+    bfloat16 matmuls (soraax `model.matmul_dtype=bfloat16`, torch `autocast(bfloat16)`: both keep params,
+    norms and the optimizer in float32), each side's MFU against the peak of a matmul of that dtype.
   * mixed aspect: the native-aspect clip mix of benchmarks/packing.py (sized to 256 tokens a clip at most).
     soraax packs it into rows of `--mixed_seq_len` (as many rows as make the same 8 x 256 slots a step);
     the torch DiT takes square grids of one size only, so every clip is padded to the largest one's square
     (a clip's cost in a dense transformer is its token count, whatever its aspect). Its step is the same
     program as the same-shapes job whenever that square is 16 x 16, so that job's time is reused; its real
-    tokens/sec = tokens/sec x the mix's padding efficiency.
+    tokens/sec = tokens/sec x the mix's padding efficiency. In float32 only.
 
 The architectures are the same DiT except where soraax's is what packing needs: adaLN modulation per token
 (each clip its own timestep) rather than per sample, and cross-attention to the clip's caption (cached text
@@ -41,6 +44,7 @@ import common  # noqa: E402
 REF_PYTHON = "/work/refenv/bin/python"
 # (width, depth, heads): DiT-S/2 and DiT-B/2 of Peebles & Xie (2023), and a 1-layer model for --tiny.
 SIZES = {"S": (384, 12, 6), "B": (768, 12, 12), "T": (32, 1, 2)}
+PRECISIONS = ("float32", "bfloat16")
 
 
 def torch_available(python: str) -> str | None:
@@ -93,6 +97,8 @@ def main(argv=None):
     p.add_argument("--text_len", type=int, default=16, help="soraax: caption tokens a row")
     p.add_argument("--steps", type=int, default=10, help="timed steps per job and side")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per job and side")
+    p.add_argument("--precisions", default="float32,bfloat16",
+                   help=f"matmul precisions of the same-shapes jobs, of {PRECISIONS}, comma-separated")
     p.add_argument("--mixed_sizes", default="S", help="sizes of the mixed-aspect comparison ('' for none)")
     p.add_argument("--mixed_seq_len", type=int, default=512, help="soraax's packed row length on the mix")
     p.add_argument("--mixed_clips", type=int, default=400, help="clips in the native-aspect mix")
@@ -108,22 +114,33 @@ def main(argv=None):
     for name in sizes + mixed:
         if name not in SIZES:
             p.error(f"unknown size {name!r}: one of {sorted(SIZES)}")
+    if "model.matmul_dtype" in overrides:
+        p.error("--config.model.matmul_dtype: the jobs set it themselves; choose them with --precisions")
+    precisions = [x for x in args.precisions.split(",") if x]
+    for precision in precisions:
+        if precision not in PRECISIONS:
+            p.error(f"unknown precision {precision!r}: one of {PRECISIONS}")
 
     import numpy as np
 
     tokens = args.side ** 2
-    jobs = [{"name": n, "width": SIZES[n][0], "depth": SIZES[n][1], "heads": SIZES[n][2], "batch": args.batch,
-             "side": args.side} for n in dict.fromkeys(sizes + mixed)]
+    pairs = [(n, x) for n in sizes for x in precisions] + [(n, "float32") for n in mixed]
+    jobs = [{"name": n, "precision": x, "autocast": None if x == "float32" else x, "width": SIZES[n][0],
+             "depth": SIZES[n][1], "heads": SIZES[n][2], "batch": args.batch, "side": args.side}
+            for n, x in dict.fromkeys(pairs)]
     missing = torch_available(args.torch_python)
     torch_results = {}
     if missing:
         common.log(f"[peer] no torch side: {missing}")
     else:  # torch first, alone: the two sides never share the cores
-        torch_results = {r["name"]: r for r in run_torch(args.torch_python, jobs, args.steps, args.warmup)}
+        torch_results = {(r["name"], r["precision"]): r
+                         for r in run_torch(args.torch_python, jobs, args.steps, args.warmup)}
 
     common.use_compilation_cache()
-    common.log("[peer] matmul peak (2048^2, float32)")
-    peak = common.matmul_peak(256 if args.tiny else 2048)["flops_per_sec"]
+    peaks = {}
+    for precision in dict.fromkeys(precisions + ["float32"]):
+        common.log(f"[peer] matmul peak (2048^2, {precision})")
+        peaks[precision] = common.matmul_peak(256 if args.tiny else 2048, precision)["flops_per_sec"]
     machine = common.machine()
 
     def config(name, **keys):
@@ -141,22 +158,25 @@ def main(argv=None):
         return a[key] / b[key] if b and b.get(key) else None
 
     base = {"benchmark": "peer", "config": os.path.relpath(args.config, common.ROOT), "overrides": overrides,
-            "tiny": args.tiny, "machine": machine, "matmul_peak_flops_per_sec": peak,
+            "tiny": args.tiny, "machine": machine, "matmul_peaks_flops_per_sec": peaks,
             "torch_python": args.torch_python, "torch_status": missing or "ok"}
-    for name in sizes:
-        common.log(f"[peer] soraax DiT-{name}/2: {args.batch} x {tokens} tokens")
-        shape = dict(batch_size=args.batch, seq_len=tokens, max_segments=1, **{"data.token_budget": tokens})
+    for name, precision in ((n, x) for n in sizes for x in precisions):
+        peak = peaks[precision]
+        common.log(f"[peer] soraax DiT-{name}/2: {args.batch} x {tokens} tokens, {precision} matmuls")
+        shape = dict(batch_size=args.batch, seq_len=tokens, max_segments=1, **{"data.token_budget": tokens},
+                     **{"model.matmul_dtype": precision})
         cfg = config(name, **shape)
         grids = [(1, args.side, args.side)] * 2 * args.batch
         ours = soraax_step(cfg, clips_of(cfg, grids, args.text_len // 2), args.steps, args.warmup, peak)
-        common.log(f"[peer] soraax DiT-{name}/2, pooled caption only (the peer's architecture)")
+        common.log(f"[peer] soraax DiT-{name}/2, pooled caption only (the peer's architecture), {precision} matmuls")
         pooled_cfg = config(name, **shape, **{"model.cross_attn": False, "model.pooled_text": True})
         pooled = soraax_step(pooled_cfg, clips_of(pooled_cfg, grids, args.text_len // 2), args.steps, args.warmup, peak)
-        theirs = torch_results.get(name)
+        theirs = torch_results.get((name, precision))
         if theirs:
             theirs["mfu"] = theirs["achieved_flops_per_sec"] / peak
         keys = ("tokens_per_sec", "achieved_flops_per_sec")
-        common.emit({**base, "comparison": "same_shapes", "size": name, "batch": args.batch,
+        common.emit({**base, "comparison": "same_shapes", "size": name, "precision": precision,
+                     "matmul_peak_flops_per_sec": peak, "batch": args.batch,
                      "tokens_per_sample": tokens, "soraax": ours, "soraax_pooled_only": pooled, "torch": theirs,
                      "soraax_over_torch": {k: ratio(ours, theirs, k) for k in keys},
                      "soraax_pooled_only_over_torch": {k: ratio(pooled, theirs, k) for k in keys}})
@@ -171,10 +191,10 @@ def main(argv=None):
         side = math.ceil(math.sqrt(max(clip_tokens)))  # the torch DiT's square grid that holds every clip
         common.log(f"[peer] soraax DiT-{name}/2 packed on the mix: {len(grids)} clips, {min(clip_tokens)}.."
                    f"{max(clip_tokens)} tokens, rows of {cfg.seq_len}; torch pads each to {side}^2")
-        ours = soraax_step(cfg, clips_of(cfg, grids, args.text_len // 2), args.steps, args.warmup, peak)
-        theirs, efficiency = torch_results.get(name), float(np.mean(clip_tokens)) / side ** 2
+        ours = soraax_step(cfg, clips_of(cfg, grids, args.text_len // 2), args.steps, args.warmup, peaks["float32"])
+        theirs, efficiency = torch_results.get((name, "float32")), float(np.mean(clip_tokens)) / side ** 2
         if theirs and side != args.side:  # another program: time it (rare: the mix's largest clip fills side^2)
-            job = {**next(j for j in jobs if j["name"] == name), "side": side}
+            job = {**next(j for j in jobs if (j["name"], j["precision"]) == (name, "float32")), "side": side}
             theirs = run_torch(args.torch_python, [job], args.steps, args.warmup)[0]
         padded = None
         if theirs:
@@ -183,7 +203,8 @@ def main(argv=None):
                       f"{args.batch} x {side}^2, timed for the mix",
                       "step_time_s": theirs["step_time_s"], "padded_tokens_per_sec": theirs["tokens_per_sec"],
                       "tokens_per_sec": theirs["tokens_per_sec"] * efficiency}
-        common.emit({**base, "comparison": "mixed_aspect", "size": name, "clips": len(grids),
+        common.emit({**base, "comparison": "mixed_aspect", "size": name, "precision": "float32",
+                     "matmul_peak_flops_per_sec": peaks["float32"], "clips": len(grids),
                      "clip_tokens": {"min": min(clip_tokens), "mean": float(np.mean(clip_tokens)), "max": max(clip_tokens)},
                      "soraax_packed": ours, "torch_padded": padded,
                      "soraax_over_torch": {"real_tokens_per_sec": ratio(ours, padded, "tokens_per_sec")}})

@@ -9,7 +9,10 @@ Imports neither soraax nor JAX. A job is one model and input shape: `side` x `si
 pixels, 4 latent channels (DiTTransformer2DModel unpatchifies square grids only). One step is what soraax's
 step does: rectified-flow loss (x_t = (1 - t) x0 + t eps, target eps - x0, t uniform per sample) through
 the class-conditional DiT (adaLN-Zero; labels random), backward, gradient clipping at 1.0, AdamW, and an EMA
-of the params (torch._foreach_lerp_). Timed step by step after `--warmup` untimed steps (CPU torch runs
+of the params (torch._foreach_lerp_). A job with `"autocast": "bfloat16"` runs the forward and loss under
+`torch.autocast("cpu", torch.bfloat16)` (PyTorch's mixed precision: matmuls and attention in bfloat16 on
+oneDNN, params, norms and the optimizer in float32), the peer of soraax's `model.matmul_dtype=bfloat16`.
+Timed step by step after `--warmup` untimed steps (CPU torch runs
 synchronously, so the clock sees the whole step). FLOPs are torch's FlopCounterMode over one
 forward + backward. One JSON line per job on stdout.
 """
@@ -17,6 +20,7 @@ forward + backward. One JSON line per job on stdout.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import resource
 import statistics
@@ -43,13 +47,18 @@ def run_job(job: dict, steps: int, warmup: int) -> dict:
     ema = [p.detach().clone() for p in params]
     opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0)
     x0 = torch.randn(batch, 4, 2 * side, 2 * side)
+    autocast = job.get("autocast")
+    if autocast not in (None, "bfloat16"):
+        raise SystemExit(f"peer_torch: job {job['name']}: autocast must be null or 'bfloat16', got {autocast!r}")
 
     def loss_fn():
         t = torch.rand(batch)
         eps = torch.randn_like(x0)
         x_t = (1 - t[:, None, None, None]) * x0 + t[:, None, None, None] * eps
-        out = model(x_t, timestep=(t * 999).long(), class_labels=torch.randint(0, 1000, (batch,))).sample
-        return torch.nn.functional.mse_loss(out, eps - x0)
+        mixed = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+        with mixed:
+            out = model(x_t, timestep=(t * 999).long(), class_labels=torch.randint(0, 1000, (batch,))).sample
+        return torch.nn.functional.mse_loss(out.float(), eps - x0)
 
     def step():
         loss = loss_fn()
@@ -85,7 +94,7 @@ def run_job(job: dict, steps: int, warmup: int) -> dict:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--jobs", required=True, help="JSON list of {name, width, depth, heads, batch, side}")
+    p.add_argument("--jobs", required=True, help="JSON list of {name, width, depth, heads, batch, side[, autocast]}")
     p.add_argument("--steps", type=int, default=10, help="timed steps per job")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per job")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
@@ -94,7 +103,8 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     for job in json.loads(args.jobs):
-        log(f"[peer_torch] {job['name']}: {job['batch']} x {job['side']}^2 tokens, {torch.get_num_threads()} threads")
+        log(f"[peer_torch] {job['name']}: {job['batch']} x {job['side']}^2 tokens, {torch.get_num_threads()} threads"
+            + (f", autocast {job['autocast']}" if job.get("autocast") else ""))
         print(json.dumps(run_job(job, args.steps, args.warmup)), flush=True)
 
 

@@ -14,8 +14,8 @@ Prints one JSON line. What is timed:
     the clock), run `--warmup` times, then `--steps` times one by one, each waited for; batches are real ones
     from the loader, fetched before the clock starts and placed on the mesh, so the step's time holds no
     input work. Tokens/sec are per median step.
-  * the peak: a jitted [n, n] matmul in the model's compute dtype (and float32), best of several, in this
-    run; MFU = analytic FLOPs (soraax.flops.dit_train_flops) / median step time / that peak.
+  * the peak: a jitted [n, n] matmul in the model's matmul dtype (`model.matmul_dtype`, else `model.dtype`;
+    and float32), best of several, in this run; MFU = analytic FLOPs (soraax.flops.dit_train_flops) / median step time / that peak.
 The VAE is randomly initialised: an encode costs the same whatever its weights.
 """
 
@@ -107,7 +107,7 @@ def main(argv=None):
 
     # ---- the peak, after the step so both see the same machine state
     common.log(f"[throughput] matmul peak ({args.matmul_n}^2)")
-    compute_dtype = str(cfg.model.dtype)
+    compute_dtype = str(cfg.model.get("matmul_dtype", cfg.model.dtype))
     peaks = {"float32": common.matmul_peak(args.matmul_n, "float32")}
     if compute_dtype != "float32":
         peaks[compute_dtype] = common.matmul_peak(args.matmul_n, compute_dtype)
@@ -119,7 +119,7 @@ def main(argv=None):
         "tiny": args.tiny, "machine": common.machine(), "mesh": dict(mesh.shape),
         "batch_size": cfg.batch_size, "seq_len": cfg.seq_len, "text_len": cfg.text_len,
         "model": {k: cfg.model[k] for k in ("width", "depth", "heads", "attn_impl", "remat_policy", "dtype",
-                                            "text_encoder", "text_cache") if k in cfg.model},
+                                            "matmul_dtype", "text_encoder", "text_cache") if k in cfg.model},
         "params": train._param_count(abstract),
         "real_tokens_per_sec": real_per_step / step_s, "padded_tokens_per_sec": slots_per_step / step_s,
         "packing_efficiency": real_per_step / slots_per_step,

@@ -38,6 +38,8 @@ def get_config(arg=None):
     c.model.remat_policy = "none"        # none | full | dots | dots_no_batch
     c.model.scan_layers = True
     c.model.dtype = "float32"            # compute dtype; params stay float32
+    c.model.matmul_dtype = "float32"     # the DiT's matmul operands, summed in float32; bfloat16: 1.3-1.5x faster
+                                         # steps on a CPU with AVX-512 BF16 (docs/train.md, soraax/matmul.py)
     c.model.text_width = 128             # text_encoder "bytes" only: its width, depth and heads
     c.model.text_depth = 2
     c.model.text_heads = 4

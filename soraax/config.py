@@ -20,6 +20,7 @@ from soraax.attention import IMPLS
 from soraax.cascade import UPSAMPLE_METHODS, sr_budget
 from soraax.data.synthetic import IMAGE_FRACTION
 from soraax.dit import REMAT_POLICIES
+from soraax.matmul import MATMUL_DTYPES
 from soraax.sharding import MESH_AXES
 from soraax.vae import RESAMPLES, TIME_PADDINGS, stage_plan  # stage_plan: how widths follow from the factors
 
@@ -339,6 +340,7 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
     _choice(cfg, "model.attn_impl", IMPLS)
     _choice(cfg, "model.remat_policy", tuple(REMAT_POLICIES))
     _choice(cfg, "model.dtype", DTYPES)
+    _choice(cfg, "model.matmul_dtype", MATMUL_DTYPES, default=m.dtype)
     _require(m.width % m.heads == 0, "model.width", f"{m.width} is not divisible by model.heads={m.heads}")
     head_dim = m.width // m.heads
     _require(head_dim % 2 == 0 and head_dim >= 6, "model.heads",

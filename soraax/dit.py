@@ -46,6 +46,7 @@ from soraax import local_attention
 from soraax.clip_position import clip_position_features
 from soraax.cond_slots import at_slots, conditioning_slots, gather_slots
 from soraax.layers import Mlp, MultiHeadAttention
+from soraax.matmul import dense_dot_general
 
 # Sizes of the DiT paper (Table 1); patch size and latent channels come from the config.
 DIT_S = dict(width=384, depth=12, heads=6)
@@ -121,13 +122,15 @@ class TimestepEmbedder(nn.Module):
     freq_dim: int = 256
     dtype: Any = jnp.float32
     length_axis: str | None = "length"   # None for slots: few, and not split over the sequence's shards
+    matmul_dtype: str | None = None      # the Dense layers' operand dtype (soraax/matmul.py); None: dtype
 
     @nn.compact
     def __call__(self, t_BxS):
+        Dense = functools.partial(nn.Dense, dtype=self.dtype, dot_general=dense_dot_general(self.matmul_dtype))
         x = timestep_embedding(t_BxS, self.freq_dim)
-        x = nn.Dense(self.width, dtype=self.dtype, kernel_init=_dense_init((None, "embed")), name="fc1")(x)
+        x = Dense(self.width, kernel_init=_dense_init((None, "embed")), name="fc1")(x)
         x = nn.silu(x)
-        x = nn.Dense(self.width, dtype=self.dtype, kernel_init=_dense_init(("mlp", "embed")), name="fc2")(x)
+        x = Dense(self.width, kernel_init=_dense_init(("mlp", "embed")), name="fc2")(x)
         return nn.with_logical_constraint(x, ("batch", self.length_axis, "embed"))
 
 
@@ -170,6 +173,7 @@ class DiTBlock(nn.Module):
     attn_impl: str = "xla"
     clip_tokens: int = 0
     dtype: Any = jnp.float32
+    matmul_dtype: str | None = None
 
     @nn.compact
     def __call__(self, x_BxSxD, c_BxSxD, angles, segment_ids, text_BxLxD, text_segment_ids, slot_BxS=None,
@@ -185,12 +189,13 @@ class DiTBlock(nn.Module):
             shift_sa, scale_sa, gate_sa, shift_mlp, scale_mlp, gate_mlp = (mod[..., i, :] for i in range(6))
         else:
             mod = to_tokens(nn.Dense(6 * width, dtype=self.dtype, kernel_init=_zeros(("embed", "mlp")),
+                                     dot_general=dense_dot_general(self.matmul_dtype),
                                      name="adaLN_modulation")(nn.silu(c_BxSxD)))
             shift_sa, scale_sa, gate_sa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod, 6, axis=-1)
 
         h = modulate(_layer_norm("norm1", self.dtype)(x_BxSxD), shift_sa, scale_sa)
         h = MultiHeadAttention(self.heads, self.attn_impl, self.dtype, qk_norm=self.qk_norm,
-                               local_max_len=self.clip_tokens, name="self_attn")(
+                               local_max_len=self.clip_tokens, matmul_dtype=self.matmul_dtype, name="self_attn")(
             h, h, segment_ids, segment_ids, rotate=functools.partial(apply_rope, angles_BxSxK2=angles),
             local_fits=local_fits)
         x_BxSxD = x_BxSxD + gate_sa * h
@@ -198,11 +203,12 @@ class DiTBlock(nn.Module):
         if self.cross_attn:
             h = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm_cross")(x_BxSxD)
             x_BxSxD = x_BxSxD + MultiHeadAttention(self.heads, self.attn_impl, self.dtype, qk_norm=self.qk_norm,
-                                                   name="cross_attn")(h, text_BxLxD, segment_ids, text_segment_ids)
+                                                   matmul_dtype=self.matmul_dtype, name="cross_attn")(
+                h, text_BxLxD, segment_ids, text_segment_ids)
 
         h = modulate(_layer_norm("norm2", self.dtype)(x_BxSxD), shift_mlp, scale_mlp)
         hidden = self.mlp_dim or int(width * self.mlp_ratio)
-        x_BxSxD = x_BxSxD + gate_mlp * Mlp(hidden, self.dtype, name="mlp")(h)
+        x_BxSxD = x_BxSxD + gate_mlp * Mlp(hidden, self.dtype, matmul_dtype=self.matmul_dtype, name="mlp")(h)
         return nn.with_logical_constraint(x_BxSxD, ("batch", "length", "embed")), None
 
 
@@ -238,6 +244,7 @@ class DiT(nn.Module):
     remat_policy: str = "none"
     scan_layers: bool = True
     dtype: Any = jnp.float32
+    matmul_dtype: str | None = None  # the operands of every matmul (soraax/matmul.py), float32 sums; None: dtype
 
     def setup(self):
         if self.width % self.heads:
@@ -272,17 +279,17 @@ class DiT(nn.Module):
                  lowres_BxSxQ=None, aug_BxS=None):
         """Returns the predicted velocity [B, S, P]; padding tokens (segment id 0) get exactly zero."""
         self._check_lowres(lowres_BxSxQ, aug_BxS, tokens_BxSxP.shape)
+        Dense = functools.partial(nn.Dense, dtype=self.dtype, dot_general=dense_dot_general(self.matmul_dtype))
         inputs_BxSxP = tokens_BxSxP.astype(self.dtype)
         if self.lowres_dim:
             inputs_BxSxP = jnp.concatenate([inputs_BxSxP, lowres_BxSxQ.astype(self.dtype)], axis=-1)
-        x_BxSxD = nn.Dense(self.width, dtype=self.dtype, kernel_init=_dense_init((None, "embed")),
-                           name="patch_embed")(inputs_BxSxP)
+        x_BxSxD = Dense(self.width, kernel_init=_dense_init((None, "embed")), name="patch_embed")(inputs_BxSxP)
         if self.clip_position:
             # RoPE is relative only: without this no token knows which edge of its clip it is near.
             features_BxSxF = clip_position_features(coords_BxSx3, segment_ids_BxS,
                                                     pairs=self.clip_position_pairs)
-            x_BxSxD = x_BxSxD + nn.Dense(self.width, dtype=self.dtype, kernel_init=_dense_init((None, "embed")),
-                                         name="clip_position_embed")(features_BxSxF.astype(self.dtype))
+            x_BxSxD = x_BxSxD + Dense(self.width, kernel_init=_dense_init((None, "embed")),
+                                      name="clip_position_embed")(features_BxSxF.astype(self.dtype))
         x_BxSxD = nn.with_logical_constraint(x_BxSxD, ("batch", "length", "embed"))
         # The conditioning c below is per token [B, S, D], or with cond_slots per slot [B, M, D]: its inputs
         # (t, the clip's caption, aug) read at one token of each slot, and gathered back to tokens per block.
@@ -294,36 +301,36 @@ class DiT(nn.Module):
             aug_c = None if aug_BxS is None else at_slots(aug_BxS, first_BxM)
             cond_axis = None
         c_BxSxD = TimestepEmbedder(self.width, self.freq_dim, dtype=self.dtype, length_axis=cond_axis,
-                                   name="t_embedder")(t_c)
+                                   matmul_dtype=self.matmul_dtype, name="t_embedder")(t_c)
         if self.lowres_dim:
             # The augmentation level tells the network how far to trust its conditioning (CDM, Ho et al. 2021):
             # trained over a range of levels, sampled at one fixed level (sr.sample_aug).
             c_BxSxD = c_BxSxD + TimestepEmbedder(self.width, dtype=self.dtype, length_axis=cond_axis,
-                                                 name="aug_embedder")(aug_c)
+                                                 matmul_dtype=self.matmul_dtype, name="aug_embedder")(aug_c)
         if self.pooled_text:
             # The caption's mean embedding joins the timestep in adaLN (as SD3's pooled text does): a global
             # signal every block sees from the first step, while cross-attention learns the details.
             pooled_BxSxT = segment_mean(text_BxLxT, text_segment_ids_BxL, segment_ids_c)
-            c_BxSxD = c_BxSxD + nn.Dense(self.width, dtype=self.dtype, kernel_init=_dense_init((None, "embed")),
-                                         name="pooled_text_proj")(pooled_BxSxT.astype(self.dtype))
+            c_BxSxD = c_BxSxD + Dense(self.width, kernel_init=_dense_init((None, "embed")),
+                                      name="pooled_text_proj")(pooled_BxSxT.astype(self.dtype))
         angles = rope_angles(coords_BxSx3, head_dim=self.width // self.heads, theta=self.rope_theta)
 
         text_BxLxD = None
         if self.cross_attn:
-            text_BxLxD = nn.Dense(self.width, dtype=self.dtype, kernel_init=_dense_init((None, "embed")),
-                                  name="text_proj")(text_BxLxT.astype(self.dtype))
+            text_BxLxD = Dense(self.width, kernel_init=_dense_init((None, "embed")),
+                               name="text_proj")(text_BxLxT.astype(self.dtype))
             text_BxLxD = nn.gelu(text_BxLxD, approximate=True)
             if self.text_mlp:
-                text_BxLxD = nn.Dense(self.width, dtype=self.dtype, kernel_init=_dense_init(("mlp", "embed")),
-                                      name="text_proj_out")(text_BxLxD)
+                text_BxLxD = Dense(self.width, kernel_init=_dense_init(("mlp", "embed")),
+                                   name="text_proj_out")(text_BxLxD)
             text_BxLxD = nn.with_logical_constraint(text_BxLxD, ("batch", "text_length", "embed"))
 
         shared = self.modulation == "shared"
         block_c_BxSxD = c_BxSxD
         if shared:
             # [B, S, 6D] once, broadcast to every block: the one projection all of Wan's blocks share.
-            block_c_BxSxD = nn.Dense(6 * self.width, dtype=self.dtype, kernel_init=_zeros(("embed", "mlp")),
-                                     name="time_proj")(nn.silu(c_BxSxD))
+            block_c_BxSxD = Dense(6 * self.width, kernel_init=_zeros(("embed", "mlp")),
+                                  name="time_proj")(nn.silu(c_BxSxD))
 
         block = DiTBlock
         policy = REMAT_POLICIES[self.remat_policy]
@@ -331,7 +338,8 @@ class DiT(nn.Module):
             block = nn.remat(block, policy=policy, prevent_cse=not self.scan_layers)
         block_kwargs = dict(heads=self.heads, mlp_ratio=self.mlp_ratio, mlp_dim=self.mlp_dim,
                             cross_attn=self.cross_attn, qk_norm=self.qk_norm, shared_modulation=shared,
-                            attn_impl=self.attn_impl, clip_tokens=self.clip_tokens, dtype=self.dtype)
+                            attn_impl=self.attn_impl, clip_tokens=self.clip_tokens, dtype=self.dtype,
+                            matmul_dtype=self.matmul_dtype)
         local_fits = None
         seq_len = segment_ids_BxS.shape[1]
         if local_attention.applies(self.attn_impl, seq_len, seq_len, self.clip_tokens) is not None:
@@ -354,14 +362,12 @@ class DiT(nn.Module):
             shift = c_BxSxD + table_2xD[0].astype(c_BxSxD.dtype)[None, None]
             scale = c_BxSxD + table_2xD[1].astype(c_BxSxD.dtype)[None, None]
         else:
-            shift, scale = jnp.split(nn.Dense(2 * self.width, dtype=self.dtype,
-                                              kernel_init=_zeros(("embed", "mlp")),
-                                              name="final_modulation")(nn.silu(c_BxSxD)), 2, axis=-1)
+            shift, scale = jnp.split(Dense(2 * self.width, kernel_init=_zeros(("embed", "mlp")),
+                                           name="final_modulation")(nn.silu(c_BxSxD)), 2, axis=-1)
         if slot_BxS is not None:
             shift, scale = gather_slots(shift, slot_BxS), gather_slots(scale, slot_BxS)
         x_BxSxD = modulate(_layer_norm("final_norm", self.dtype)(x_BxSxD), shift, scale)
-        v_BxSxP = nn.Dense(self.patch_dim, dtype=self.dtype, kernel_init=_zeros(("embed", None)),
-                           name="final_proj")(x_BxSxD)
+        v_BxSxP = Dense(self.patch_dim, kernel_init=_zeros(("embed", None)), name="final_proj")(x_BxSxD)
         real_BxS = (segment_ids_BxS > 0)[..., None]
         v_BxSxP = jnp.where(real_BxS, v_BxSxP.astype(jnp.float32), 0.0)
         if fits_B is not None:

@@ -66,6 +66,7 @@ def build(cfg: ml_collections.ConfigDict, latent_mean=0.0, latent_std=1.0) -> Mo
               heads=m.heads, mlp_ratio=m.mlp_ratio, pooled_text=m.get("pooled_text", False),
               cross_attn=m.get("cross_attn", True),
               attn_impl=m.attn_impl, remat_policy=m.remat_policy, scan_layers=m.scan_layers, dtype=dtype,
+              matmul_dtype=m.get("matmul_dtype", m.dtype),
               # Wan 2.1's switches (soraax/dit.py); .get: configs without them are the DiT they always were.
               mlp_dim=m.get("mlp_dim", 0), freq_dim=m.get("freq_dim", 256),
               modulation=m.get("modulation", "per_block"), qk_norm=m.get("qk_norm", False),

@@ -92,6 +92,12 @@ def test_peer_tiny():
     records = run_script("peer.py", "--torch_python", python)
     same = next(r for r in records if r["comparison"] == "same_shapes")
     assert same["torch_status"] == "ok" and same["soraax_over_torch"]["tokens_per_sec"] > 0
+    # One line a precision; the bfloat16 one pits soraax's bfloat16 matmuls against torch's autocast.
+    by_precision = {r["precision"]: r for r in records if r["comparison"] == "same_shapes"}
+    assert sorted(by_precision) == ["bfloat16", "float32"]
+    assert by_precision["bfloat16"]["torch"]["autocast"] == "bfloat16"
+    assert by_precision["float32"]["torch"]["autocast"] is None
+    assert by_precision["bfloat16"]["soraax_over_torch"]["tokens_per_sec"] > 0
     # The peer's architecture (no cross-attention) is less work than soraax's text-conditioned default.
     assert same["soraax_pooled_only"]["flops_per_step"] < same["soraax"]["flops_per_step"]
     assert same["soraax_pooled_only_over_torch"]["tokens_per_sec"] > 0
@@ -102,6 +108,23 @@ def test_peer_tiny():
 def test_peer_says_when_torch_is_missing():
     message = peer.torch_available(os.path.join(ROOT, "no", "such", "python"))
     assert message and "no/such/python" in message
+
+
+def test_peer_without_torch_times_soraax_at_each_precision():
+    records = run_script("peer.py", "--torch_python", os.path.join(ROOT, "no", "such", "python"))
+    same = [r for r in records if r["comparison"] == "same_shapes"]
+    assert [r["precision"] for r in same] == ["float32", "bfloat16"]
+    for r in same:
+        assert r["torch"] is None and "no/such/python" in r["torch_status"]
+        assert r["soraax"]["tokens_per_sec"] > 0 and r["soraax"]["mfu"] > 0
+        assert r["matmul_peak_flops_per_sec"] == r["matmul_peaks_flops_per_sec"][r["precision"]]
+
+
+def test_peer_refuses_a_matmul_dtype_override():
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "peer.py"), "--tiny",
+                           "--config.model.matmul_dtype=bfloat16"], capture_output=True, text=True,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=300)
+    assert done.returncode == 2 and "--precisions" in done.stderr
 
 
 def test_step_profile_names_ops_after_the_model_code():

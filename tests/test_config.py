@@ -56,6 +56,7 @@ def test_every_shipped_config_loads_and_validates(path):
     ("model.adaln_slots", None, "config.model.adaln_slots: must be True or False"),
     ("model.cross_attn", None, "config.model.cross_attn: must be True or False"),
     ("model.local_attention", None, "config.model.local_attention: must be True or False"),
+    ("model.matmul_dtype", "float16", "config.model.matmul_dtype: must be one of ('float32', 'bfloat16'), got 'float16'"),
     ("data.synthetic_min_frames", 3, "config.data.synthetic_min_frames: must be >= 5, got 3"),
     ("model.clip_position_pairs", None, "config.model.clip_position_pairs: must be True or False, got None"),
     ("diffusion.high_noise_rate", 1.5, "config.diffusion.high_noise_rate: must be in [0, 1], got 1.5"),

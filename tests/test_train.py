@@ -52,6 +52,17 @@ def test_steps_run_log_and_checkpoint(whole_run):
     assert checkpoints.read_config(workdir).model.width == 32
 
 
+def test_bfloat16_matmuls_train_the_same_run_to_rounding(vae_dir, whole_run, tmp_path):
+    """model.matmul_dtype=bfloat16 rounds only the products' operands: the same data, keys and updates, so
+    the same losses to bf16's precision (tests/test_matmul.py: the same params, float32)."""
+    records = train.run(micro_config(vae__checkpoint=vae_dir, model__matmul_dtype="bfloat16"), str(tmp_path))
+    want = [r["loss"] for r in whole_run[1]]
+    got = [r["loss"] for r in records]
+    np.testing.assert_allclose(got, want, rtol=2e-2)
+    assert got != want  # rounded: not the float32 run itself
+    assert checkpoints.read_config(str(tmp_path)).model.matmul_dtype == "bfloat16"
+
+
 def test_resume_equals_uninterrupted(vae_dir, whole_run, tmp_path, capsys):
     cfg = micro_config(vae__checkpoint=vae_dir)
     stats = train.vae_latent_stats(cfg, vae_dir)
