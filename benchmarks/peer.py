@@ -185,7 +185,8 @@ def main(argv=None):
         slots = args.batch * tokens
         # Captions as long as the same-shapes rows' (text_len // 2 a clip), so the packer is not text-bound.
         cfg = config(name, batch_size=max(1, slots // args.mixed_seq_len), seq_len=args.mixed_seq_len,
-                     max_segments=16, text_len=(args.text_len // 2) * 16, **{"data.token_budget": tokens})
+                     max_segments=16, text_len=(args.text_len // 2) * 16,
+                     **{"data.token_budget": tokens, "model.matmul_dtype": "float32"})
         grids = [common.patch_grid(cfg, s) for s in common.native_shapes(cfg, args.mixed_clips)]
         clip_tokens = [int(np.prod(g)) for g in grids]
         side = math.ceil(math.sqrt(max(clip_tokens)))  # the torch DiT's square grid that holds every clip

@@ -48,6 +48,7 @@ def run_job(job: dict, steps: int, warmup: int) -> dict:
     opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0)
     x0 = torch.randn(batch, 4, 2 * side, 2 * side)
     autocast = job.get("autocast")
+    seen = {}
     if autocast not in (None, "bfloat16"):
         raise SystemExit(f"peer_torch: job {job['name']}: autocast must be null or 'bfloat16', got {autocast!r}")
 
@@ -58,6 +59,7 @@ def run_job(job: dict, steps: int, warmup: int) -> dict:
         mixed = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
         with mixed:
             out = model(x_t, timestep=(t * 999).long(), class_labels=torch.randint(0, 1000, (batch,))).sample
+        seen["output_dtype"] = str(out.dtype).replace("torch.", "")  # autocast really ran: bfloat16
         return torch.nn.functional.mse_loss(out.float(), eps - x0)
 
     def step():
@@ -88,7 +90,7 @@ def run_job(job: dict, steps: int, warmup: int) -> dict:
             "step_time_s": median, "step_time": {"median_s": median, "min_s": min(seconds), "max_s": max(seconds),
                                                  "spread": (max(seconds) - min(seconds)) / median, "n": len(seconds)},
             "flops_per_step": flops, "flops_per_token": flops / tokens, "achieved_flops_per_sec": flops / median,
-            "process_max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+            "process_max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, **seen}
 
 
 def main(argv=None):

@@ -54,6 +54,7 @@ def get_config(arg=None):
     c.model.remat_policy = "dots_no_batch"
     c.model.scan_layers = True
     c.model.dtype = "bfloat16"
+    c.model.matmul_dtype = "bfloat16"    # the DiT's matmul operands, summed in float32 (soraax/matmul.py)
     c.model.text_width = 512             # text_encoder "bytes" only
     c.model.text_depth = 4
     c.model.text_heads = 8

@@ -48,7 +48,12 @@ def test_backward_rounds_the_cotangent_and_both_gradients_are_float32(operands):
 def test_bfloat16_layers_sum_in_float32_and_return_bfloat16(operands):
     x, w, g = operands
     xb, wb = x.astype(BF16), w.astype(BF16)
-    y, vjp = jax.vjp(lambda a, b: matmul.dense_dot_general(None)(a, b, DIMS), xb, wb)
+    layer = lambda a, b: matmul.dense_dot_general(None)(a, b, DIMS)
+    # All three products ask for float32 sums of bfloat16 operands (Flax's default asks for bfloat16 ones).
+    forward_and_back = jax.make_jaxpr(lambda a, b, c: jax.vjp(layer, a, b)[1](c))(xb, wb, g.astype(BF16))
+    products = _dots(forward_and_back.jaxpr, [])
+    assert [d[:3] for d in products] == [("bfloat16", "bfloat16", "float32")] * 3
+    y, vjp = jax.vjp(layer, xb, wb)
     assert y.dtype == BF16
     # Summed in float32 and rounded once: as close to the float64 product of the same operands as bf16 holds.
     want = np.einsum("bsk,kf->bsf", _round(x), _round(w))
@@ -73,8 +78,26 @@ def test_float32_is_the_plain_dense_program(operands):
         np.testing.assert_allclose(got, np.einsum("bsk,kf->bsf", x64, w64), rtol=1e-12)
 
 
+def test_float32_dit_is_the_plain_dense_dit_program(monkeypatch):
+    """At float32 the whole DiT, forward and backward, is the program it was before soraax/matmul.py."""
+    packed, _ = _row(jax.random.PRNGKey(1), [(2, 3, 4), (1, 4, 2)], 32, 8)
+    fields = dict(patch_dim=P, width=32, depth=2, heads=2, mlp_ratio=2.0, pooled_text=True, remat_policy="dots")
+
+    def program():
+        model = dit.DiT(**fields, matmul_dtype="float32")
+        params = nn.meta.unbox(jax.eval_shape(model.init, jax.random.PRNGKey(0), **packed))
+        return str(jax.make_jaxpr(jax.grad(lambda p: jnp.sum(model.apply(p, **packed) ** 2)))(params))
+    ours = program()
+    from soraax import layers
+    for module in (dit, layers):  # Flax's own default: nn.Dense(dot_general=None) is lax.dot_general
+        monkeypatch.setattr(module, "dense_dot_general", lambda matmul_dtype: None)
+    assert ours == program()
+
+
 def test_bad_uses_are_refused(operands):
     x, w, _ = operands
+    with pytest.raises(ValueError, match="precision=.*rounds its operands to bfloat16"):
+        matmul.dense_dot_general("bfloat16")(x, w, DIMS, precision=jax.lax.Precision.HIGHEST)
     with pytest.raises(ValueError, match="matmul_dtype 'float16'"):
         matmul.dense_dot_general("float16")
     with pytest.raises(ValueError, match="serves nn.Dense"):
