@@ -124,10 +124,10 @@ def main(argv=None):
     import numpy as np
 
     tokens = args.side ** 2
-    pairs = [(n, x) for n in sizes for x in precisions] + [(n, "float32") for n in mixed]
+    same_shapes = [(n, x) for n in sizes for x in precisions]
     jobs = [{"name": n, "precision": x, "autocast": None if x == "float32" else x, "width": SIZES[n][0],
              "depth": SIZES[n][1], "heads": SIZES[n][2], "batch": args.batch, "side": args.side}
-            for n, x in dict.fromkeys(pairs)]
+            for n, x in dict.fromkeys(same_shapes + [(n, "float32") for n in mixed])]
     missing = torch_available(args.torch_python)
     torch_results = {}
     if missing:
@@ -160,7 +160,7 @@ def main(argv=None):
     base = {"benchmark": "peer", "config": os.path.relpath(args.config, common.ROOT), "overrides": overrides,
             "tiny": args.tiny, "machine": machine, "matmul_peaks_flops_per_sec": peaks,
             "torch_python": args.torch_python, "torch_status": missing or "ok"}
-    for name, precision in ((n, x) for n in sizes for x in precisions):
+    for name, precision in same_shapes:
         peak = peaks[precision]
         common.log(f"[peer] soraax DiT-{name}/2: {args.batch} x {tokens} tokens, {precision} matmuls")
         shape = dict(batch_size=args.batch, seq_len=tokens, max_segments=1, **{"data.token_budget": tokens},

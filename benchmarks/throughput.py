@@ -15,7 +15,8 @@ Prints one JSON line. What is timed:
     from the loader, fetched before the clock starts and placed on the mesh, so the step's time holds no
     input work. Tokens/sec are per median step.
   * the peak: a jitted [n, n] matmul in the model's matmul dtype (`model.matmul_dtype`, else `model.dtype`;
-    and float32), best of several, in this run; MFU = analytic FLOPs (soraax.flops.dit_train_flops) / median step time / that peak.
+    and float32), best of several, in this run; MFU = analytic FLOPs (soraax.flops.dit_train_flops) / median
+    step time / that peak.
 The VAE is randomly initialised: an encode costs the same whatever its weights.
 """
 

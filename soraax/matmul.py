@@ -36,12 +36,14 @@ def _product(a, b, spec: str):
     return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
 
 
-def _make_rounded_dense(matmul_dtype) -> Callable:
+@functools.lru_cache(maxsize=None)
+def rounded_dense(matmul_dtype: str) -> Callable:
     """x [..., K] @ w [K, F] (one dtype, Flax's promoted one) with both operands, and in the backward the
-    cotangent, rounded to `matmul_dtype` and summed in float32; the result and both gradients in x's dtype."""
+    cotangent, rounded to `matmul_dtype` and summed in float32; the result and both gradients in x's dtype.
+    One custom-VJP function object a dtype (cached)."""
 
     @jax.custom_vjp
-    def rounded_dense(x_NxK, w_KxF):
+    def rounded(x_NxK, w_KxF):
         return forward(x_NxK, w_KxF)[0]
 
     def forward(x_NxK, w_KxF):
@@ -58,14 +60,8 @@ def _make_rounded_dense(matmul_dtype) -> Callable:
         dw_KxF = _product(xm_NxK, dym_NxF, "...k,...f->kf").astype(dy_NxF.dtype)
         return dx_NxK, dw_KxF
 
-    rounded_dense.defvjp(forward, backward)
-    return rounded_dense
-
-
-@functools.lru_cache(maxsize=None)
-def rounded_dense(matmul_dtype: str) -> Callable:
-    """The custom-VJP matmul for `matmul_dtype` (one function object a dtype)."""
-    return _make_rounded_dense(jnp.dtype(matmul_dtype))
+    rounded.defvjp(forward, backward)
+    return rounded
 
 
 @functools.lru_cache(maxsize=None)
